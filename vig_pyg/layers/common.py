@@ -1,0 +1,105 @@
+"""Small building blocks shared by both model families: conv + norm, drop path, stem, classifier head."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vig_pyg.nn.mlp import make_activation
+
+__all__ = ["ClassifierHead", "ConvNorm", "DropPath", "Stem"]
+
+
+class ConvNorm(nn.Sequential):
+    """``Conv2d -> BatchNorm2d``, no activation (ViG's fc layers, downsample and stem convs)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2)
+        self.norm = nn.BatchNorm2d(out_channels)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch of a sample with probability ``p`` in training."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop path probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.size(0),) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Stem(nn.Module):
+    """A stack of 3x3 ``ConvNorm`` layers with an activation between them (none after the last).
+
+    Args:
+        in_channels: image channels.
+        widths: output channels of each conv.
+        strides: stride of each conv.
+        act: activation name.
+    """
+
+    def __init__(
+        self, in_channels: int, widths: Sequence[int], strides: Sequence[int], act: str = "gelu"
+    ) -> None:
+        super().__init__()
+        if len(widths) != len(strides):
+            raise ValueError("the stem needs one stride per conv")
+        chans = [in_channels, *widths]
+        self.layers = nn.ModuleList(
+            ConvNorm(chans[i], chans[i + 1], 3, strides[i]) for i in range(len(widths))
+        )
+        self.act = make_activation(act)
+        self.stride = math.prod(strides)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = self.act(x)
+        return x
+
+
+class ClassifierHead(nn.Module):
+    """Global average pool, ``Linear -> BatchNorm -> act -> dropout`` to ``hidden`` features, classifier.
+
+    ViG's head: the official 1x1 convs on a pooled ``(B, C, 1, 1)`` map are linear layers.
+    """
+
+    def __init__(
+        self, in_channels: int, hidden: int, num_classes: int, act: str = "gelu", drop_rate: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.fc = nn.Linear(in_channels, hidden)
+        self.norm = nn.BatchNorm1d(hidden)
+        self.act = make_activation(act)
+        self.drop = nn.Dropout(drop_rate)
+        self.classifier: nn.Module = nn.Identity()
+        self.reset(num_classes)
+
+    def reset(self, num_classes: int) -> None:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(
+                f"num_classes must be an int >= 0 (0 removes the classifier), got {num_classes!r}"
+            )
+        self.num_classes = num_classes
+        self.classifier = nn.Linear(self.hidden, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)  # (B, C)
+        x = self.drop(self.act(self.norm(self.fc(x))))
+        return x if pre_logits else self.classifier(x)

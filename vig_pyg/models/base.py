@@ -1,0 +1,212 @@
+"""What both ViG families share: the stage container and the timm model contract."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from vig_pyg.layers.common import ClassifierHead, ConvNorm
+from vig_pyg.nn.mlp import GroupedLinear
+
+__all__ = ["ViGModel", "ViGStage"]
+
+
+class ViGStage(nn.Module):
+    """An optional stride-2 downsample followed by a sequence of blocks."""
+
+    def __init__(self, blocks: Sequence[nn.Module], downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.downsample = downsample if downsample is not None else nn.Identity()
+        self.blocks = nn.Sequential(*blocks)
+        self.grad_checkpointing = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            for block in self.blocks:
+                x = checkpoint(block, x, use_reentrant=False)
+            return x
+        return self.blocks(x)
+
+
+def _take_indices(num: int, indices: int | Sequence[int] | None) -> list[int]:
+    """timm's convention: ``None``: all, an int ``n``: the last ``n``, a sequence: those (negatives ok)."""
+    if indices is None:
+        return list(range(num))
+    if isinstance(indices, int):
+        if not 0 < indices <= num:
+            raise ValueError(f"indices={indices} asks for the last {indices} of {num} feature levels")
+        return list(range(num - indices, num))
+    out = []
+    for i in indices:
+        j = i + num if i < 0 else i
+        if not 0 <= j < num:
+            raise ValueError(f"feature index {i} is out of range for {num} feature levels")
+        out.append(j)
+    return out
+
+
+class ViGModel(nn.Module):
+    """The timm model contract on top of ``stem -> (+ pos_embed) -> feature levels -> head``.
+
+    Subclasses define ``stem``, ``pos_embed``, ``head``, ``feature_info`` and ``_levels()`` (the modules
+    whose outputs are the feature levels, in order).
+    """
+
+    head: ClassifierHead
+    pos_embed: nn.Parameter
+    stem: nn.Module
+    feature_info: list[dict[str, Any]]
+    num_features: int
+    in_chans: int
+    min_input_size: tuple[int, int]
+    grad_checkpointing: bool = False
+    default_out_indices: tuple[int, ...]
+
+    # -- construction helpers -------------------------------------------------------------------------
+    def _init_weights(self) -> None:
+        # The official initialisation: Kaiming normal (fan in) for every conv/linear, zero biases.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d | nn.Linear):
+                nn.init.kaiming_normal_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, GroupedLinear):
+                m.reset_parameters()
+
+    def _levels(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def graph_sizes(self, height: int, width: int) -> list[tuple[int, int, int]]:
+        """``(query nodes, key nodes, k)`` of every Grapher for an input of ``height x width``."""
+        raise NotImplementedError
+
+    def _fits(self, height: int, width: int) -> bool:
+        return all(keys >= k for _, keys, k in self.graph_sizes(height, width))
+
+    def _smallest_square(self, limit: int) -> tuple[int, int]:
+        for side in range(1, limit + 1):
+            if self._fits(side, side):
+                return side, side
+        raise ValueError(f"this configuration cannot run even at {limit}x{limit}: lower k or raise img_size")
+
+    # -- inputs ---------------------------------------------------------------------------------------
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"expected an image tensor (B, {self.in_chans}, H, W), got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"expected a floating-point image tensor, got {x.dtype}; convert with x.float()")
+        if x.dim() != 4 or x.size(1) != self.in_chans:
+            raise ValueError(f"expected images of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
+        if not self._fits(x.size(2), x.size(3)):
+            min_h, min_w = self.min_input_size
+            raise ValueError(
+                f"input {x.size(2)}x{x.size(3)} is too small for this model: a graph block would have fewer "
+                f"key nodes than neighbours; the smallest square input is {min_h}x{min_w}"
+            )
+
+    def _embed(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        x = self.stem(x)
+        pos = self.pos_embed
+        if pos.shape[-2:] != x.shape[-2:]:
+            pos = F.interpolate(pos, size=x.shape[-2:], mode="bicubic", align_corners=False)
+        return x + pos
+
+    # -- timm contract --------------------------------------------------------------------------------
+    def _run_level(self, level: nn.Module, x: Tensor) -> Tensor:
+        # Stages checkpoint block by block themselves; bare blocks (isotropic levels) are wrapped here.
+        if self.grad_checkpointing and not isinstance(level, ViGStage) and torch.is_grad_enabled():
+            return checkpoint(level, x, use_reentrant=False)
+        return level(x)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x = self._embed(x)
+        for level in self._levels():
+            x = self._run_level(level, x)
+        return x
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.head.classifier
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool not in (None, "avg"):
+            raise ValueError(f"ViG pools by average only; got global_pool={global_pool!r}")
+        self.head.reset(num_classes)
+        self.num_classes = num_classes
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for m in self.modules():
+            if isinstance(m, ViGStage):
+                m.grad_checkpointing = enable
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """Feature maps of the chosen levels (timm's signature).
+
+        Args:
+            x: images.
+            indices: ``None`` for all levels, ``n`` for the last ``n``, or a sequence of level indices.
+            norm: accepted for compatibility; ViG has no final norm, so it changes nothing.
+            stop_early: stop after the last requested level (only with ``intermediates_only``).
+            output_fmt: ``"NCHW"`` or ``"NHWC"``.
+            intermediates_only: return only the list of feature maps.
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        levels = self._levels()
+        take = _take_indices(len(levels), indices)
+        last = max(take) if (stop_early or intermediates_only) and take else len(levels) - 1
+        out = []
+        x = self._embed(x)
+        for i, level in enumerate(levels[: last + 1]):
+            x = self._run_level(level, x)
+            if i in take:
+                out.append(x if output_fmt == "NCHW" else x.permute(0, 2, 3, 1))
+        if intermediates_only:
+            return out
+        return x, out
+
+
+class FeatureExtractor(nn.Module):
+    """``features_only=True``: returns the chosen feature levels of a ViG model as a list."""
+
+    def __init__(self, model: ViGModel, out_indices: Sequence[int]) -> None:
+        super().__init__()
+        self.out_indices = _take_indices(len(model.feature_info), list(out_indices))
+        model.head = nn.Identity()  # type: ignore[assignment]  # features only: drop the classifier's weights
+        self.model = model
+        self.feature_info = [model.feature_info[i] for i in self.out_indices]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return self.model.forward_intermediates(x, self.out_indices, intermediates_only=True)  # type: ignore[return-value]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
+
+
+__all__ += ["FeatureExtractor"]
+
+
+def downsample(in_channels: int, out_channels: int) -> ConvNorm:
+    """Pyramid ViG's stride-2 3x3 conv + BatchNorm between stages (no activation)."""
+    return ConvNorm(in_channels, out_channels, kernel_size=3, stride=2)

@@ -1,0 +1,119 @@
+"""The small MLP inside every ViG graph convolution.
+
+The official ``BasicConv`` is a 1x1 ``Conv2d`` with ``groups=4``, then BatchNorm, then an activation,
+applied to ``(B, C, N, 1)`` maps. On node features ``(N, C)`` that is a grouped linear layer: input
+channel quarter ``g`` feeds only output channel quarter ``g``. The weights keep the official shape
+``(out, in / groups)`` (less the two trailing 1x1 axes), so checkpoints convert by a reshape.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["ACTIVATIONS", "GroupedLinear", "GroupedMLP", "make_activation"]
+
+ACTIVATIONS = {
+    "gelu": nn.GELU,
+    "relu": nn.ReLU,
+    "leakyrelu": lambda: nn.LeakyReLU(0.2),
+    "prelu": nn.PReLU,
+    "hswish": nn.Hardswish,
+    "silu": nn.SiLU,
+}
+
+
+def make_activation(name: str | None) -> nn.Module:
+    """An activation module by name (``None`` or ``"none"`` gives identity)."""
+    if name is None or name == "none":
+        return nn.Identity()
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(sorted(ACTIVATIONS))}")
+    return ACTIVATIONS[name]()
+
+
+class GroupedLinear(nn.Module):
+    """A linear layer whose channels are split into ``groups`` independent blocks (a grouped 1x1 conv).
+
+    Args:
+        in_channels: input width, divisible by ``groups``.
+        out_channels: output width, divisible by ``groups``.
+        groups: number of channel blocks.
+        bias: add a learnable bias.
+
+    Shapes:
+        input ``(*, in_channels)``; output ``(*, out_channels)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int = 4, bias: bool = True) -> None:
+        super().__init__()
+        if groups < 1 or in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"in_channels ({in_channels}) and out_channels ({out_channels}) must both be divisible by "
+                f"groups ({groups}); choose widths that are multiples of {groups} or pass groups=1"
+            )
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Kaiming normal over fan_in = in / groups with zero bias, the official initialisation.
+        nn.init.normal_(self.weight, std=math.sqrt(2.0 / self.weight.size(1)))
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.groups == 1:
+            return F.linear(x, self.weight, self.bias)
+        g = self.groups
+        lead = x.shape[:-1]
+        xg = x.reshape(-1, g, self.in_channels // g).transpose(0, 1)  # (G, N, Cin/G)
+        w = self.weight.view(g, self.out_channels // g, -1).transpose(1, 2)  # (G, Cin/G, Cout/G)
+        out = torch.bmm(xg, w).transpose(0, 1).reshape(*lead, self.out_channels)  # (*, Cout)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, groups={self.groups}, bias={self.bias is not None}"
+
+
+class GroupedMLP(nn.Sequential):
+    """``GroupedLinear -> BatchNorm -> activation``, the official ``BasicConv`` on node features.
+
+    Args:
+        in_channels: input width.
+        out_channels: output width.
+        groups: channel blocks of the linear layer (4 in every official model).
+        act: activation name (``"gelu"`` officially).
+        norm: ``"batch"`` (BatchNorm over all nodes, as BatchNorm2d over ``(B, C, N, 1)``) or ``None``.
+        bias: bias in the linear layer.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        groups: int = 4,
+        act: str | None = "gelu",
+        norm: str | None = "batch",
+        bias: bool = True,
+    ) -> None:
+        if norm not in ("batch", None):
+            raise ValueError(f"norm must be 'batch' or None, got {norm!r}")
+        super().__init__()
+        self.lin = GroupedLinear(in_channels, out_channels, groups, bias)
+        self.norm = nn.BatchNorm1d(out_channels) if norm == "batch" else nn.Identity()
+        self.act = make_activation(act)
+
+    def reset_parameters(self) -> None:
+        self.lin.reset_parameters()
+        if isinstance(self.norm, nn.BatchNorm1d):
+            self.norm.reset_parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x = self.lin(x.reshape(-1, x.size(-1)))  # BatchNorm1d wants (rows, C)
+        return self.act(self.norm(x)).reshape(*lead, -1)

@@ -1,0 +1,167 @@
+"""Graph convolutions by name: the four ViG convolutions and stock PyTorch Geometric ones.
+
+A Grapher asks :func:`build_conv` for a convolution from ``in_channels`` to ``out_channels`` node
+features and calls it as ``conv(x, edge_index, k=k)``, where ``x`` is a tensor or a pair
+``(x_src, x_dst)``. ViG's own convolutions take that call directly; any other class is wrapped in
+:class:`PyGConvAdapter`, which also gives bipartite input to convolutions that only accept one node set.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch_geometric.nn as pyg_nn
+from torch import Tensor, nn
+
+from vig_pyg.nn.base import PairTensor, ViGConv
+from vig_pyg.nn.edge import EdgeConv
+from vig_pyg.nn.gin import GINConv
+from vig_pyg.nn.mr import MRConv
+from vig_pyg.nn.sage import GraphSAGE
+
+__all__ = ["PyGConvAdapter", "build_conv", "list_convs", "register_conv", "resolve_conv_name"]
+
+
+@dataclass(frozen=True)
+class _ConvEntry:
+    factory: Callable[..., nn.Module]
+    # Whether the convolution accepts a pair (x_src, x_dst); if not, bipartite graphs are run as the
+    # union of both node sets.
+    bipartite: bool = True
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+def _mlp(in_channels: int, out_channels: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(in_channels, out_channels), nn.GELU(), nn.Linear(out_channels, out_channels)
+    )
+
+
+def _pyg_gin(in_channels: int, out_channels: int, **kwargs: Any) -> nn.Module:
+    return pyg_nn.GINConv(_mlp(in_channels, out_channels), **kwargs)
+
+
+def _pyg_edge(in_channels: int, out_channels: int, **kwargs: Any) -> nn.Module:
+    return pyg_nn.EdgeConv(_mlp(2 * in_channels, out_channels), **kwargs)
+
+
+_VIG_CONVS: dict[str, type[ViGConv]] = {"mr": MRConv, "edge": EdgeConv, "gin": GINConv, "sage": GraphSAGE}
+
+_REGISTRY: dict[str, _ConvEntry] = {name: _ConvEntry(cls) for name, cls in _VIG_CONVS.items()}
+_REGISTRY.update(
+    {
+        # A kNN graph already holds self-loops (r = 1) and pooled keys are not the centre nodes (r > 1),
+        # so attention layers add none of their own.
+        "gat": _ConvEntry(pyg_nn.GATConv, defaults={"add_self_loops": False}),
+        "gatv2": _ConvEntry(pyg_nn.GATv2Conv, defaults={"add_self_loops": False}),
+        "gcn": _ConvEntry(pyg_nn.GCNConv, bipartite=False),
+        "sage_pyg": _ConvEntry(pyg_nn.SAGEConv),
+        "transformer": _ConvEntry(pyg_nn.TransformerConv),
+        "graphconv": _ConvEntry(pyg_nn.GraphConv),
+        "gin_pyg": _ConvEntry(_pyg_gin),
+        "edge_pyg": _ConvEntry(_pyg_edge),
+    }
+)
+
+
+def list_convs() -> list[str]:
+    """Names accepted by :func:`build_conv`."""
+    return sorted(_REGISTRY)
+
+
+def register_conv(
+    name: str,
+    factory: Callable[..., nn.Module],
+    *,
+    bipartite: bool = True,
+    overwrite: bool = False,
+    **defaults: Any,
+) -> None:
+    """Make ``factory(in_channels, out_channels, **kwargs)`` available under ``name``.
+
+    Set ``bipartite=False`` when the module cannot take a pair ``(x_src, x_dst)``.
+    """
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(
+            f"a convolution named {name!r} is already registered; pass overwrite=True to replace it"
+        )
+    _REGISTRY[name] = _ConvEntry(factory, bipartite, dict(defaults))
+
+
+def resolve_conv_name(conv: str | type) -> str:
+    """A printable name for ``conv`` (a registered name or a class)."""
+    if isinstance(conv, str):
+        return conv
+    for name, entry in _REGISTRY.items():
+        if entry.factory is conv:
+            return name
+    return getattr(conv, "__name__", repr(conv))
+
+
+class PyGConvAdapter(nn.Module):
+    """Gives any PyG-style convolution the ViG call ``conv(x, edge_index, k=None)``.
+
+    ``k`` is only a hint for ViG's own convolutions and is ignored here. A convolution that cannot take a
+    pair ``(x_src, x_dst)`` (``bipartite=False``) is run on the union of both node sets, targets first,
+    and the targets' rows are returned: messages still only flow along the given edges.
+    """
+
+    def __init__(self, conv: nn.Module, bipartite: bool = True) -> None:
+        super().__init__()
+        self.conv = conv
+        self.bipartite = bipartite
+
+    def forward(self, x: Tensor | PairTensor, edge_index: Tensor, k: int | None = None) -> Tensor:
+        if isinstance(x, Tensor):
+            return self.conv(x, edge_index)
+        x_src, x_dst = x
+        if x_src is x_dst:
+            return self.conv(x_dst, edge_index)
+        if self.bipartite:
+            return self.conv((x_src, x_dst), edge_index)
+        num_dst = x_dst.size(0)
+        shifted = torch.stack([edge_index[0] + num_dst, edge_index[1]])
+        return self.conv(torch.cat([x_dst, x_src], dim=0), shifted)[:num_dst]
+
+    def reset_parameters(self) -> None:
+        if hasattr(self.conv, "reset_parameters"):
+            self.conv.reset_parameters()
+
+
+def build_conv(
+    conv: str | type | Callable[..., nn.Module], in_channels: int, out_channels: int, **kwargs: Any
+) -> nn.Module:
+    """Build a graph convolution from ``in_channels`` to ``out_channels`` node features.
+
+    Args:
+        conv: a registered name (:func:`list_convs`: ``"mr"``, ``"edge"``, ``"gin"``, ``"sage"`` are ViG's
+            own; ``"gat"``, ``"gcn"``, ``"sage_pyg"``, ``"transformer"``, ... are PyG's), a ViG conv class,
+            or any class/callable ``f(in_channels, out_channels, **kwargs)`` returning a PyG-style
+            convolution (wrapped as if it could not take bipartite input).
+        in_channels: input node feature width.
+        out_channels: output node feature width.
+        **kwargs: passed to the convolution (ViG convs take ``groups``, ``act``, ``norm``, ``bias``).
+    """
+    if isinstance(conv, str):
+        if conv not in _REGISTRY:
+            close = difflib.get_close_matches(conv, list(_REGISTRY), n=3)
+            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise ValueError(f"unknown graph convolution {conv!r}; known: {', '.join(list_convs())}.{hint}")
+        entry = _REGISTRY[conv]
+    elif inspect.isclass(conv) and issubclass(conv, ViGConv):
+        entry = _ConvEntry(conv)
+    elif callable(conv):
+        known = next((e for e in _REGISTRY.values() if e.factory is conv), None)
+        entry = known or _ConvEntry(conv, bipartite=False)
+    else:
+        raise TypeError(f"conv must be a name, a class or a callable, got {type(conv).__name__}")
+
+    module = entry.factory(in_channels, out_channels, **{**entry.defaults, **kwargs})
+    if isinstance(module, ViGConv):
+        return module
+    return PyGConvAdapter(module, bipartite=entry.bipartite)

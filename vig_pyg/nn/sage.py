@@ -1,0 +1,71 @@
+"""GraphSAGE convolution as ViG uses it."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from vig_pyg.nn.aggr import gather_neighbors
+from vig_pyg.nn.base import PairTensor, ViGConv
+from vig_pyg.nn.mlp import GroupedMLP
+
+__all__ = ["GraphSAGE"]
+
+
+class GraphSAGE(ViGConv):
+    r"""The GraphSAGE operator from `"Inductive Representation Learning on Large Graphs"
+    <https://arxiv.org/abs/1706.02216>`_ with max-pooling aggregation, as `Vision GNN
+    <https://arxiv.org/abs/2206.00272>`_ uses it.
+
+    .. math::
+        \mathbf{m}_i = \max_{j \in \mathcal{N}(i)} h_{\mathbf{\Theta}_1}(\mathbf{x}_j), \qquad
+        \mathbf{x}^{\prime}_i = h_{\mathbf{\Theta}_2}\left( \mathbf{x}_i \, \Vert \, \mathbf{m}_i \right)
+
+    where each :math:`h` is a grouped linear layer, BatchNorm and an activation; :math:`h_{\mathbf{\Theta}_1}`
+    runs on every edge (so BatchNorm sees edge statistics in training, as in the official layer).
+
+    Args:
+        in_channels (int): Size of each input sample.
+        out_channels (int): Size of each output sample.
+        groups (int, optional): Channel groups of the linear layers. (default: :obj:`4`)
+        act (str, optional): Activation. (default: :obj:`"gelu"`)
+        norm (str, optional): :obj:`"batch"` or :obj:`None`. (default: :obj:`"batch"`)
+        bias (bool, optional): Bias in the linear layers. (default: :obj:`True`)
+
+    Shapes:
+        - **input:** node features :math:`(|\mathcal{V}|, F_{in})` or
+          :math:`((|\mathcal{V}_s|, F_{in}), (|\mathcal{V}_t|, F_{in}))` if bipartite,
+          edge indices :math:`(2, |\mathcal{E}|)`
+        - **output:** node features :math:`(|\mathcal{V}|, F_{out})` or :math:`(|\mathcal{V}_t|, F_{out})`
+          if bipartite
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        groups: int = 4,
+        act: str | None = "gelu",
+        norm: str | None = "batch",
+        bias: bool = True,
+    ) -> None:
+        super().__init__(in_channels, out_channels, aggr="max", groups=groups)
+        self.nn1 = GroupedMLP(in_channels, in_channels, groups, act, norm, bias)
+        self.nn2 = GroupedMLP(2 * in_channels, out_channels, groups, act, norm, bias)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        self.nn1.reset_parameters()
+        self.nn2.reset_parameters()
+
+    def forward(self, x: Tensor | PairTensor, edge_index: Tensor, k: int | None = None) -> Tensor:
+        x_src, x_dst = self._split(x, edge_index, k)
+        if k is not None:
+            agg = self.nn1(gather_neighbors(x_src, edge_index, k)).amax(dim=1)  # (N, C)
+        else:
+            agg = self.propagate(edge_index, x=(x_src, x_dst))
+        return self.nn2(torch.cat([x_dst, agg], dim=-1))
+
+    def message(self, x_j: Tensor) -> Tensor:
+        return self.nn1(x_j)
