@@ -37,7 +37,9 @@ class PretrainedCfg:
     num_classes: int = 1000
 
 
-# File names as the release pages and third-party converters name them (spec section 6).
+#: Official weights of each variant (key: the variant's short name, e.g. ``"pvig_s"``): download URL,
+#: reported top-1 and preprocessing. File names as the release pages and third-party converters name
+#: them (spec section 6).
 PRETRAINED: dict[str, PretrainedCfg] = {
     "vig_ti": PretrainedCfg(f"{_RELEASES}/vig/vig_ti_74.5.pth", 73.9),
     "vig_s": PretrainedCfg(f"{_RELEASES}/vig/vig_s_80.6.pth", 80.4),

@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks. Run as modules from the repository root: ``python -m benchmarks.graph``."""

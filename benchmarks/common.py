@@ -1,0 +1,72 @@
+"""Timing and result-writing helpers shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import csv
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch_geometric
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def environment() -> dict[str, str]:
+    """Machine, thread count, library versions and git revision, recorded with every row."""
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        )
+        revision = rev.stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "vig_pyg"], capture_output=True, text=True
+        ).stdout
+        revision += "+dirty" if dirty.strip() else ""
+    except (OSError, subprocess.CalledProcessError):
+        revision = "unknown"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu
+    return {
+        "device": device,
+        "threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "pyg": torch_geometric.__version__,
+        "git": revision,
+    }
+
+
+def median_time(fn: Callable[[], object], warmup: int = 2, repeats: int = 7, sync: bool = False) -> float:
+    """Median seconds of ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if sync:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def write_csv(path: Path, rows: list[dict[str, object]]) -> None:
+    """Write rows (same keys) to ``path``, creating the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)

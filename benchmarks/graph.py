@@ -1,0 +1,122 @@
+"""Micro-benchmark of the graph layer alone: kNN back-ends and conv aggregation at ViG's sizes.
+
+    python -m benchmarks.graph [--quick] [--out benchmarks/results/graph_cpu.csv]
+
+Each row times one operation on a batch of B graphs; ratios are taken within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import RESULTS, environment, median_time, write_csv
+from vig_pyg.graph import knn_graph
+from vig_pyg.nn import EdgeConv, GINConv, GraphSAGE, MRConv
+
+# (label, query nodes, key nodes, channels) of the Graphers in the official models.
+KNN_SIZES = [
+    ("pvig_s stage1 (r=4)", 3136, 196, 80),
+    ("pvig_s stage2 (r=2)", 784, 196, 160),
+    ("pvig_s stage3", 196, 196, 400),
+    ("pvig_s stage4", 49, 49, 640),
+    ("vig_ti", 196, 196, 192),
+    ("vig_b", 196, 196, 640),
+    ("pvig_ti stage1 (r=4)", 3136, 196, 48),
+    ("point cloud 3-D", 4096, 4096, 3),
+]
+
+
+def bench_knn(batch: int, quick: bool) -> list[dict[str, object]]:
+    rows = []
+    for label, n, m, c in KNN_SIZES[:3] if quick else KNN_SIZES:
+        x = torch.randn(batch * n, c)
+        b = torch.arange(batch).repeat_interleave(n)
+        y, by = (
+            (None, None) if m == n else (torch.randn(batch * m, c), torch.arange(batch).repeat_interleave(m))
+        )
+        k = 9 if m >= 18 else 4
+        times = {}
+        for method in ("dense", "torch_cluster"):
+
+            def run(method: str = method, x=x, k=k, b=b, y=y, by=by) -> None:
+                knn_graph(x, k, b, y=y, batch_y=by, dilation=2, method=method)
+
+            times[method] = median_time(run, warmup=1, repeats=3 if quick else 5)
+        auto = _auto(x, n, m)
+        rows.append(
+            {
+                "op": f"knn_graph k={k} d=2",
+                "size": label,
+                "batch": batch,
+                "nodes": n,
+                "keys": m,
+                "channels": c,
+                "dense_ms": round(times["dense"] * 1e3, 3),
+                "torch_cluster_ms": round(times["torch_cluster"] * 1e3, 3),
+                "cluster_over_dense": round(times["torch_cluster"] / times["dense"], 2),
+                "auto_picks": auto,
+            }
+        )
+    return rows
+
+
+def _auto(x: torch.Tensor, n: int, m: int) -> str:
+    from vig_pyg.graph.knn import _choose_method
+
+    return _choose_method(x, torch.tensor([n]), torch.tensor([m]))
+
+
+def bench_aggregation(batch: int, quick: bool) -> list[dict[str, object]]:
+    """Each conv's forward with the k-regular (N, k, C) path against PyG's scatter aggregation."""
+    rows = []
+    n, c, k = 196, 192, 9
+    x = torch.randn(batch * n, c)
+    ei = knn_graph(x, k, torch.arange(batch).repeat_interleave(n), method="dense")
+    for cls in (MRConv, EdgeConv, GINConv, GraphSAGE):
+        conv = cls(c, 2 * c).eval()
+        with torch.no_grad():
+            fast = median_time(lambda conv=conv: conv(x, ei, k=k), repeats=3 if quick else 7)
+            general = median_time(lambda conv=conv: conv(x, ei), repeats=3 if quick else 7)
+        rows.append(
+            {
+                "op": f"{cls.__name__} forward",
+                "size": f"{n} nodes x {c} ch, k={k}",
+                "batch": batch,
+                "k_regular_ms": round(fast * 1e3, 3),
+                "pyg_aggregation_ms": round(general * 1e3, 3),
+                "speedup": round(general / fast, 2),
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats (for tests)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="CSV prefix (default benchmarks/results/graph_*)"
+    )
+    args = parser.parse_args(argv)
+    env = environment()
+    knn_rows = [{**r, **env} for r in bench_knn(args.batch, args.quick)]
+    agg_rows = [{**r, **env} for r in bench_aggregation(args.batch, args.quick)]
+    prefix = args.out or RESULTS / "graph"
+    write_csv(Path(f"{prefix}_knn.csv"), knn_rows)
+    write_csv(Path(f"{prefix}_aggregation.csv"), agg_rows)
+    for r in knn_rows:
+        ratio = r["cluster_over_dense"]
+        print(f"{r['size']:>22}: dense {r['dense_ms']:8.2f} ms  torch_cluster "
+              f"{r['torch_cluster_ms']:8.2f} ms  x{ratio:<6} auto={r['auto_picks']}")  # fmt: skip
+    for r in agg_rows:
+        print(f"{r['op']:>22}: k-regular {r['k_regular_ms']:7.2f} ms  PyG {r['pyg_aggregation_ms']:7.2f} ms  "
+              f"x{r['speedup']}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
