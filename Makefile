@@ -15,7 +15,7 @@ WHEEL_DIR ?= $(HOME)/.cache/vig_pyg/wheels/torch-$(TORCH_VERSION)
 STAMP := $(VENV)/.vig_pyg-installed
 LINT_PATHS := vig_pyg tests examples benchmarks
 
-.PHONY: all demo test test-slow lint format setup wheels clean-venv
+.PHONY: all demo test test-slow lint format setup wheels docs clean-venv
 
 all: test
 
@@ -62,8 +62,11 @@ $(STAMP): pyproject.toml $(VENV)/.torch-$(TORCH_VERSION)
 	$(MAKE) -j2 wheels
 	$(PIP) install --quiet --no-index --find-links $(WHEEL_DIR) \
 		torch-scatter==$(TORCH_SCATTER_VERSION) torch-cluster==$(TORCH_CLUSTER_VERSION)
-	$(PIP) install --quiet -e '.[test]'
+	$(PIP) install --quiet -e '.[test,docs]'
 	touch $@
+
+docs: $(STAMP)
+	$(VENV)/bin/sphinx-build -W --keep-going -q -b html docs docs/_build/html
 
 clean-venv:
 	rm -rf $(VENV)

@@ -12,7 +12,7 @@ import sys
 # Import the package from this checkout even when it is not installed.
 sys.path.insert(0, os.path.abspath(".."))
 
-import vig_pyg  # noqa: E402
+import vig_pyg
 
 project = "vig_pyg"
 author = "vig_pyg contributors"
@@ -41,9 +41,13 @@ autodoc_default_options = {"members": True, "member-order": "bysource", "show-in
 autodoc_typehints = "signature"
 autodoc_preserve_defaults = True
 autoclass_content = "class"
+# Only our own docstrings: PyG and torch base-class methods (message, forward, ...) stay out.
+autodoc_inherit_docstrings = False
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
+# Keep grouped entries such as "k, dilation, reduce_ratio: ..." together as one item.
+napoleon_use_param = False
 # PyG-style "Shapes:" sections are rendered as a plain titled block.
 napoleon_custom_sections = ["Shapes"]
 

@@ -102,7 +102,7 @@ def test_wrong_variant_names_keys(pvig_fixture) -> None:
     bigger = vig_pyg.create_model(
         "pvig_ti_224_gelu", channels=(16, 24, 36, 48), blocks=(1, 1, 3, 1), num_classes=10
     )
-    with pytest.raises(ValueError, match="shape|relative-position term"):
+    with pytest.raises(ValueError, match=r"shape|relative-position term"):
         load_pretrained(bigger, pvig_fixture["official"])
     iso = vig_pyg.create_model("vig_test", num_classes=10)
     with pytest.raises(ValueError, match="missing keys"):

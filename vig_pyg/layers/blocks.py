@@ -28,7 +28,7 @@ class Grapher(nn.Module):
     Args:
         channels: ``C``.
         k, dilation, reduce_ratio, relative_pos, stochastic, epsilon, knn_method: the kNN graph
-            (:class:`vig_pyg.graph.GridKNNGraph`; ``relative_pos`` adds Pyramid ViG's position term).
+            (:class:`vig_pyg.graph.dynamic.GridKNNGraph`; ``relative_pos`` adds Pyramid ViG's position term).
         conv: graph convolution, any name or class :func:`vig_pyg.nn.build_conv` takes.
         drop_path: stochastic depth rate of the branch.
         act, norm, bias, groups: options of ViG's own convolutions (ignored by other convs).

@@ -8,18 +8,27 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vig_pyg.nn.mlp import make_activation
+from vig_pyg.nn.mlp import fold_batch_norm, make_activation
 
 __all__ = ["ClassifierHead", "ConvNorm", "DropPath", "Stem"]
 
 
-class ConvNorm(nn.Sequential):
-    """``Conv2d -> BatchNorm2d``, no activation (ViG's fc layers, downsample and stem convs)."""
+class ConvNorm(nn.Module):
+    """``Conv2d -> BatchNorm2d``, no activation (ViG's fc layers, downsample and stem convs).
+
+    In eval mode the BatchNorm is folded into the convolution on the fly (one pass instead of two).
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2)
         self.norm = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.norm.training:
+            return self.norm(self.conv(x))
+        weight, bias = fold_batch_norm(self.conv.weight, self.conv.bias, self.norm)
+        return F.conv2d(x, weight, bias, self.conv.stride, self.conv.padding)
 
 
 class DropPath(nn.Module):

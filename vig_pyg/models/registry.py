@@ -37,9 +37,9 @@ class PretrainedCfg:
     num_classes: int = 1000
 
 
-#: Official weights of each variant (key: the variant's short name, e.g. ``"pvig_s"``): download URL,
-#: reported top-1 and preprocessing. File names as the release pages and third-party converters name
-#: them (spec section 6).
+#: The official weights of each variant, keyed by its short name (``"vig_ti"`` ... ``"pvig_b"``), with
+#: the download URL, the reported top-1 and the preprocessing. File names as the release pages and
+#: third-party converters name them (spec section 6).
 PRETRAINED: dict[str, PretrainedCfg] = {
     "vig_ti": PretrainedCfg(f"{_RELEASES}/vig/vig_ti_74.5.pth", 73.9),
     "vig_s": PretrainedCfg(f"{_RELEASES}/vig/vig_s_80.6.pth", 80.4),
@@ -124,7 +124,8 @@ def create_model(
             path or URL of a checkpoint in the official layout or vig_pyg's own (``.pth``, ``.pth.tar``,
             ``.safetensors``). A classifier of another size than ``num_classes`` is left freshly
             initialised (fine-tuning).
-        num_classes: classifier outputs (0: no classifier, ``forward`` returns pooled features).
+        num_classes: classifier outputs (0: no classifier; ``forward`` returns the head's pre-logits,
+            ``head_hidden`` wide).
         features_only: return a module whose forward gives the feature maps of ``out_indices``.
         out_indices: feature levels for ``features_only`` (default: the four stages of a pyramid model,
             the last three blocks of an isotropic one).

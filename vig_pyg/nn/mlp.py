@@ -14,7 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ACTIVATIONS", "GroupedLinear", "GroupedMLP", "make_activation"]
+__all__ = [
+    "ACTIVATIONS",
+    "GroupedLinear",
+    "GroupedMLP",
+    "fold_batch_norm",
+    "grouped_linear",
+    "make_activation",
+]
 
 ACTIVATIONS = {
     "gelu": nn.GELU,
@@ -33,6 +40,40 @@ def make_activation(name: str | None) -> nn.Module:
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(sorted(ACTIVATIONS))}")
     return ACTIVATIONS[name]()
+
+
+def fold_batch_norm(
+    weight: Tensor, bias: Tensor | None, norm: nn.modules.batchnorm._BatchNorm
+) -> tuple[Tensor, Tensor]:
+    """Weights of ``norm(layer(x))`` as one layer, for a BatchNorm using its running statistics.
+
+    ``weight`` has the output channels first (linear or conv); the result computes the same function up to
+    float rounding, with one pass over the output instead of two.
+    """
+    scale = norm.running_var.add(norm.eps).rsqrt()
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -norm.running_mean * scale
+    if bias is not None:
+        shift = shift + bias * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    return weight * scale.view(-1, *([1] * (weight.dim() - 1))), shift
+
+
+def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
+    """``(N, Cin) -> (N, Cout)`` with block-diagonal ``weight`` of shape ``(Cout, Cin / groups)``."""
+    if groups == 1:
+        return F.linear(x, weight, bias)
+    n, c_in = x.shape
+    c_out = weight.size(0)
+    xg = x.view(n, groups, c_in // groups).transpose(0, 1)  # (G, N, Cin/G)
+    w = weight.view(groups, c_out // groups, -1).transpose(1, 2)  # (G, Cin/G, Cout/G)
+    if bias is None:
+        out = torch.bmm(xg, w)
+    else:
+        out = torch.baddbmm(bias.view(groups, 1, c_out // groups), xg, w)  # (G, N, Cout/G)
+    return out.transpose(0, 1).reshape(n, c_out)
 
 
 class GroupedLinear(nn.Module):
@@ -67,14 +108,9 @@ class GroupedLinear(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.groups == 1:
-            return F.linear(x, self.weight, self.bias)
-        g = self.groups
         lead = x.shape[:-1]
-        xg = x.reshape(-1, g, self.in_channels // g).transpose(0, 1)  # (G, N, Cin/G)
-        w = self.weight.view(g, self.out_channels // g, -1).transpose(1, 2)  # (G, Cin/G, Cout/G)
-        out = torch.bmm(xg, w).transpose(0, 1).reshape(*lead, self.out_channels)  # (*, Cout)
-        return out if self.bias is None else out + self.bias
+        out = grouped_linear(x.reshape(-1, self.in_channels), self.weight, self.bias, self.groups)
+        return out.view(*lead, self.out_channels)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, groups={self.groups}, bias={self.bias is not None}"
@@ -115,5 +151,11 @@ class GroupedMLP(nn.Sequential):
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
-        x = self.lin(x.reshape(-1, x.size(-1)))  # BatchNorm1d wants (rows, C)
-        return self.act(self.norm(x)).reshape(*lead, -1)
+        x = x.reshape(-1, x.size(-1))  # (rows, C): BatchNorm1d's layout
+        if isinstance(self.norm, nn.BatchNorm1d) and not self.norm.training:
+            # Eval: the BatchNorm is an affine map; folded into the linear layer it costs nothing.
+            weight, bias = fold_batch_norm(self.lin.weight, self.lin.bias, self.norm)
+            x = grouped_linear(x, weight, bias, self.lin.groups)
+        else:
+            x = self.norm(self.lin(x))
+        return self.act(x).reshape(*lead, -1)

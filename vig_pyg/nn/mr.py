@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vig_pyg.nn.aggr import gather_neighbors
+from vig_pyg.nn.aggr import gather_max
 from vig_pyg.nn.base import PairTensor, ViGConv
 from vig_pyg.nn.mlp import GroupedMLP
 
@@ -62,7 +62,7 @@ class MRConv(ViGConv):
     def forward(self, x: Tensor | PairTensor, edge_index: Tensor, k: int | None = None) -> Tensor:
         x_src, x_dst = self._split(x, edge_index, k)
         if k is not None:
-            rel = gather_neighbors(x_src, edge_index, k).amax(dim=1) - x_dst  # (N, C)
+            rel = gather_max(x_src, edge_index, k) - x_dst  # (N, C)
         else:
             rel = self.propagate(edge_index, x=(x_src, x_dst))
         h = torch.stack([x_dst, rel], dim=-1).flatten(1)  # (N, 2C) as [x_0, m_0, x_1, m_1, ...]

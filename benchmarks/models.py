@@ -1,0 +1,155 @@
+"""vig_pyg models against the dense reference (the official algorithm, un-optimised), side by side.
+
+    python -m benchmarks.models [--models pvig_s_224_gelu ...] [--batch 8] [--size 224] [--train]
+                                [--quick] [--out benchmarks/results/models_cpu.csv]
+
+For each variant both implementations get the same weights (converted from the reference's official
+layout); each is timed for the eval forward (and with ``--train`` a training step: forward, backward,
+AdamW step) with warm-up and the median of several runs, and its peak memory is recorded: on CUDA the
+allocator's peak above what was allocated before the call, on CPU the peak of live tensor bytes during the
+call from the profiler's allocation events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import RESULTS, environment, median_time, write_csv
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from dense_reference import REFERENCE_VARIANTS, build_reference
+
+import vig_pyg
+from vig_pyg.models import convert_official
+
+DEFAULT_MODELS = [
+    "pvig_ti_224_gelu",
+    "pvig_s_224_gelu",
+    "pvig_m_224_gelu",
+    "vig_ti_224_gelu",
+    "vig_s_224_gelu",
+]
+
+
+def peak_memory_mb(fn, device: torch.device) -> float:
+    """Peak memory of one call: CUDA allocator peak, or on CPU the profiler's peak of live allocations."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # Walk the allocation events in time order, tracking live bytes.
+    events = sorted((e for e in prof.events() if e.cpu_memory_usage != 0), key=lambda e: e.time_range.start)
+    live = peak = 0
+    for e in events:
+        live += e.cpu_memory_usage
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def make_pair(name: str, device: torch.device):
+    ref = build_reference(**REFERENCE_VARIANTS[name]).to(device)
+    ours = vig_pyg.create_model(name).to(device)
+    ours.load_state_dict(convert_official(ref.state_dict(), ours))
+    return ref, ours
+
+
+def bench_model(name: str, batch: int, size: int, train: bool, quick: bool, device, dtype) -> list[dict]:
+    ref, ours = make_pair(name, device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    rows = []
+    repeats = 3 if quick else 7
+    sync = device.type == "cuda"
+    impls = {"dense_reference": ref, "vig_pyg": ours}
+    if size != 224:
+        impls.pop("dense_reference")  # the official algorithm only runs at 224 x 224
+    results: dict[str, dict[str, float]] = {}
+    for impl, model in impls.items():
+        model.eval()
+
+        def forward(model=model):
+            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                return model(x)
+
+        t = median_time(forward, warmup=2, repeats=repeats, sync=sync)
+        mem = peak_memory_mb(forward, device)
+        results[impl] = {"eval_s": t, "eval_mem": mem}
+        if train:
+            model.train()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            target = torch.randint(1000, (batch,), device=device)
+
+            def step(model=model, opt=opt, target=target):
+                opt.zero_grad(set_to_none=True)
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    loss = torch.nn.functional.cross_entropy(model(x), target)
+                loss.backward()
+                opt.step()
+
+            results[impl]["train_s"] = median_time(step, warmup=1, repeats=max(3, repeats // 2), sync=sync)
+            results[impl]["train_mem"] = peak_memory_mb(step, device)
+    base = results.get("dense_reference")
+    for impl, r in results.items():
+        row = {
+            "model": name,
+            "impl": impl,
+            "batch": batch,
+            "size": size,
+            "dtype": str(dtype).replace("torch.", ""),
+            "eval_img_per_s": round(batch / r["eval_s"], 2),
+            "eval_peak_mb": round(r["eval_mem"], 1),
+            "eval_speedup": round(base["eval_s"] / r["eval_s"], 2) if base else "",
+        }
+        if train:
+            row.update(
+                {
+                    "train_img_per_s": round(batch / r["train_s"], 2),
+                    "train_peak_mb": round(r["train_mem"], 1),
+                    "train_speedup": round(base["train_s"] / r["train_s"], 2) if base else "",
+                    "train_mem_ratio": round(r["train_mem"] / base["train_mem"], 2) if base else "",
+                }
+            )
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
+    parser.add_argument("--batch", type=int, nargs="+", default=[8])
+    parser.add_argument("--size", type=int, nargs="+", default=[224])
+    parser.add_argument("--train", action="store_true", help="also time a training step and its memory")
+    parser.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    env = environment()
+    rows = []
+    for name in args.models:
+        for size in args.size:
+            for batch in args.batch:
+                for row in bench_model(name, batch, size, args.train, args.quick, device, dtype):
+                    rows.append({**row, **env})
+                    print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    out = args.out or RESULTS / f"models_{device.type}.csv"
+    write_csv(out, rows)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
