@@ -64,9 +64,9 @@ def bench_knn(batch: int, quick: bool) -> list[dict[str, object]]:
 
 
 def _auto(x: torch.Tensor, n: int, m: int) -> str:
-    from vig_pyg.graph.knn import _choose_method
+    from vig_pyg.graph.knn import choose_method
 
-    return _choose_method(x, torch.tensor([n]), torch.tensor([m]))
+    return choose_method(x.size(1), n, m)
 
 
 def bench_aggregation(batch: int, quick: bool) -> list[dict[str, object]]:

@@ -23,6 +23,7 @@ from torch import Tensor
 __all__ = [
     "KNNMethod",
     "LowRankBias",
+    "choose_method",
     "dense_knn",
     "dilate",
     "knn_graph",
@@ -32,9 +33,10 @@ __all__ = [
 KNNMethod = Literal["auto", "dense", "torch_cluster"]
 _METHODS = ("auto", "dense", "torch_cluster")
 
-# Above this many distance-matrix entries per search, "auto" leaves the dense back-end for the
-# k-d tree: the (B, N, M) float32 matrix would need more than 1 GiB.
-DENSE_MAX_ENTRIES = 2**28
+# Above this many distance-matrix entries per graph, "auto" leaves the dense back-end for the k-d tree:
+# one graph's (N, M) float32 matrix would need more than 256 MiB. (Per graph, not per batch, so that the
+# choice never depends on the batch size, which may be a symbolic dimension in an exported program.)
+DENSE_MAX_ENTRIES = 2**26
 # k-d trees beat a dense search only in low dimensions (point clouds); at ViG's feature widths
 # (48 to 1024 channels) the batched matmul measured 2.6x to 20x faster on CPU.
 KDTREE_MAX_DIM = 8
@@ -233,7 +235,7 @@ def knn_graph(
         y = None if y is None else F.normalize(y, dim=-1)
 
     if method == "auto":
-        method = _choose_method(x, query_sizes, key_sizes)
+        method = choose_method(x.size(1), int(query_sizes.max()), int(key_sizes.max()))
     if method == "torch_cluster":
         if bias is not None and not isinstance(bias, LowRankBias):
             raise ValueError(
@@ -247,9 +249,12 @@ def knn_graph(
     return neighbors_to_edge_index(nbr)
 
 
-def _choose_method(x: Tensor, query_sizes: Tensor, key_sizes: Tensor) -> str:
-    entries = int(query_sizes.max()) * int(key_sizes.max()) * query_sizes.numel()
-    if x.size(1) <= KDTREE_MAX_DIM or entries > DENSE_MAX_ENTRIES:
+def choose_method(channels: int, max_queries: int, max_keys: int) -> str:
+    """``"auto"``'s choice: the k-d tree for low-dimensional points or huge graphs, else dense.
+
+    Decided from sizes alone (Python ints), so that traced programs contain no branch on tensor values.
+    """
+    if channels <= KDTREE_MAX_DIM or max_queries * max_keys > DENSE_MAX_ENTRIES:
         return "torch_cluster"
     return "dense"
 
@@ -290,6 +295,32 @@ def _dense_candidates(
     return nbr[q_mask]  # (N, kd)
 
 
+@torch.library.custom_op("vig_pyg::cluster_knn", mutates_args=())
+def cluster_knn(queries: Tensor, keys: Tensor, kd: int, batch: Tensor, batch_keys: Tensor) -> Tensor:
+    """``(N, kd)`` global key indices of each query's ``kd`` nearest keys (same graph), nearest first.
+
+    torch_cluster's exact search, registered as a ``torch.library`` custom op with a fake (shape-only)
+    implementation, so that ``torch.compile`` and ``torch.export`` can trace through it: the output shape
+    is known without running the search.
+    """
+    import torch_cluster
+
+    assign = torch_cluster.knn(
+        keys, queries, kd, batch_x=batch_keys, batch_y=batch, num_workers=torch.get_num_threads()
+    )  # row 0: query, row 1: key
+    query, key = assign[0], assign[1]
+    # torch_cluster does not promise an order within a query: sort by (query, distance).
+    dist = (queries[query] - keys[key]).pow(2).sum(-1)
+    order = torch.argsort(dist)
+    order = order[torch.argsort(query[order], stable=True)]
+    return key[order].view(queries.size(0), kd)
+
+
+@cluster_knn.register_fake
+def _(queries: Tensor, keys: Tensor, kd: int, batch: Tensor, batch_keys: Tensor) -> Tensor:
+    return queries.new_empty((queries.size(0), kd), dtype=torch.long)
+
+
 def _cluster_candidates(
     x: Tensor,
     y: Tensor | None,
@@ -299,21 +330,15 @@ def _cluster_candidates(
     bias: LowRankBias | None,
 ) -> Tensor:
     """``(N, kd)`` global key indices, nearest first, from torch_cluster's exact search."""
-    import torch_cluster
-
     keys, batch_keys = (x, batch) if y is None else (y, batch_y)
     queries = x
     if bias is not None:
         queries, keys = _fold_bias(queries, keys, bias, batch, batch_keys)
-    assign = torch_cluster.knn(
-        keys, queries, kd, batch_x=batch_keys, batch_y=batch, num_workers=torch.get_num_threads()
-    )  # row 0: query, row 1: key
-    query, key = assign[0], assign[1]
-    # torch_cluster does not promise an order within a query: sort by (query, distance).
-    dist = (queries[query] - keys[key]).pow(2).sum(-1)
-    order = torch.argsort(dist)
-    order = order[torch.argsort(query[order], stable=True)]
-    return key[order].view(x.size(0), kd)
+    if batch is None:
+        batch = torch.zeros(queries.size(0), dtype=torch.long, device=x.device)
+    if batch_keys is None:
+        batch_keys = torch.zeros(keys.size(0), dtype=torch.long, device=x.device)
+    return cluster_knn(queries, keys, kd, batch, batch_keys)
 
 
 def _fold_bias(

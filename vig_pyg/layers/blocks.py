@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -27,8 +28,9 @@ class Grapher(nn.Module):
 
     Args:
         channels: ``C``.
-        k, dilation, reduce_ratio, relative_pos, stochastic, epsilon, knn_method: the kNN graph
-            (:class:`vig_pyg.graph.dynamic.GridKNNGraph`; ``relative_pos`` adds Pyramid ViG's position term).
+        k, dilation, reduce_ratio, relative_pos, stochastic, epsilon, knn_method, grid_size: the kNN graph
+            (:class:`vig_pyg.graph.dynamic.GridKNNGraph`; ``relative_pos`` adds Pyramid ViG's position term,
+            precomputed for the planned ``grid_size``).
         conv: graph convolution, any name or class :func:`vig_pyg.nn.build_conv` takes.
         drop_path: stochastic depth rate of the branch.
         act, norm, bias, groups: options of ViG's own convolutions (ignored by other convs).
@@ -46,6 +48,7 @@ class Grapher(nn.Module):
         stochastic: bool = False,
         epsilon: float = 0.2,
         knn_method: KNNMethod = "auto",
+        grid_size: tuple[int, int] | None = None,
         act: str = "gelu",
         norm: str | None = "batch",
         bias: bool = True,
@@ -55,7 +58,14 @@ class Grapher(nn.Module):
         self.reduce_ratio = reduce_ratio
         self.fc1 = ConvNorm(channels, channels)
         self.knn = GridKNNGraph(
-            k, dilation, reduce_ratio, channels if relative_pos else None, stochastic, epsilon, knn_method
+            k,
+            dilation,
+            reduce_ratio,
+            channels if relative_pos else None,
+            stochastic,
+            epsilon,
+            knn_method,
+            grid_size,
         )
         conv_kwargs: dict[str, Any] = {}
         if (isinstance(conv, str) and conv in ("mr", "edge", "gin", "sage")) or (
@@ -67,6 +77,11 @@ class Grapher(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+            raise TypeError(
+                "a Grapher builds its graph from the input's shape, which torch.fx.symbolic_trace cannot "
+                "see; trace with vig_pyg.export.symbolic_trace(model), which keeps Graphers as leaf modules"
+            )
         shortcut = x
         x = self.fc1(x)
         b, _, h, w = x.shape

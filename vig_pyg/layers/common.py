@@ -27,7 +27,7 @@ class ConvNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.norm.training:
             return self.norm(self.conv(x))
-        weight, bias = fold_batch_norm(self.conv.weight, self.conv.bias, self.norm)
+        weight, bias = fold_batch_norm(self.conv.weight, self.conv.bias, self.norm, trailing_dims=3)
         return F.conv2d(x, weight, bias, self.conv.stride, self.conv.padding)
 
 

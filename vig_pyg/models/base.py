@@ -13,7 +13,21 @@ from torch.utils.checkpoint import checkpoint
 from vig_pyg.layers.common import ClassifierHead, ConvNorm
 from vig_pyg.nn.mlp import GroupedLinear
 
-__all__ = ["ViGModel", "ViGStage"]
+__all__ = ["ViGModel", "ViGStage", "add_position_embedding"]
+
+
+def add_position_embedding(x: Tensor, pos_embed: Tensor) -> Tensor:
+    """``x + pos_embed``, the embedding bicubic-resized first when the grids differ (other input sizes).
+
+    A leaf for ``torch.fx`` (see ``torch.fx.wrap`` below): its branch is on static shapes, which symbolic
+    tracing cannot evaluate.
+    """
+    if pos_embed.shape[-2:] != x.shape[-2:]:
+        pos_embed = F.interpolate(pos_embed, size=x.shape[-2:], mode="bicubic", align_corners=False)
+    return x + pos_embed
+
+
+torch.fx.wrap("add_position_embedding")
 
 
 class ViGStage(nn.Module):
@@ -111,12 +125,9 @@ class ViGModel(nn.Module):
             )
 
     def _embed(self, x: Tensor) -> Tensor:
-        self._check_input(x)
-        x = self.stem(x)
-        pos = self.pos_embed
-        if pos.shape[-2:] != x.shape[-2:]:
-            pos = F.interpolate(pos, size=x.shape[-2:], mode="bicubic", align_corners=False)
-        return x + pos
+        if not torch.fx._symbolic_trace.is_fx_symbolic_tracing():  # FX proxies have no values to check
+            self._check_input(x)
+        return add_position_embedding(self.stem(x), self.pos_embed)
 
     # -- timm contract --------------------------------------------------------------------------------
     def _run_level(self, level: nn.Module, x: Tensor) -> Tensor:

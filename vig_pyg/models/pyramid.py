@@ -94,7 +94,10 @@ class PyramidViG(ViGModel):
         self.stem = Stem(in_chans, (channels[0] // 2, channels[0], channels[0]), (2, 2, 1), act)
         self.pos_embed = nn.Parameter(torch.zeros(1, channels[0], *grid))
         stages, idx = [], 0
+        stage_grid = grid
         for s, (width, depth, r) in enumerate(zip(channels, blocks, reduce_ratios)):
+            if s > 0:
+                stage_grid = (_ceil_div(stage_grid[0], 2), _ceil_div(stage_grid[1], 2))
             stage_blocks = [
                 ViGBlock(
                     width,
@@ -108,6 +111,7 @@ class PyramidViG(ViGModel):
                     stochastic=stochastic,
                     epsilon=epsilon,
                     knn_method=knn_method,
+                    grid_size=stage_grid,
                 )
                 for j in range(depth)
             ]

@@ -43,12 +43,13 @@ def make_activation(name: str | None) -> nn.Module:
 
 
 def fold_batch_norm(
-    weight: Tensor, bias: Tensor | None, norm: nn.modules.batchnorm._BatchNorm
+    weight: Tensor, bias: Tensor | None, norm: nn.modules.batchnorm._BatchNorm, trailing_dims: int = 1
 ) -> tuple[Tensor, Tensor]:
     """Weights of ``norm(layer(x))`` as one layer, for a BatchNorm using its running statistics.
 
-    ``weight`` has the output channels first (linear or conv); the result computes the same function up to
-    float rounding, with one pass over the output instead of two.
+    ``weight`` has the output channels first and ``trailing_dims`` more axes (1 for a linear layer, 3 for
+    a 2-D conv; passed in rather than read off the tensor so that FX can trace it). The result computes
+    the same function up to float rounding, with one pass over the output instead of two.
     """
     scale = norm.running_var.add(norm.eps).rsqrt()
     if norm.weight is not None:
@@ -58,7 +59,7 @@ def fold_batch_norm(
         shift = shift + bias * scale
     if norm.bias is not None:
         shift = shift + norm.bias
-    return weight * scale.view(-1, *([1] * (weight.dim() - 1))), shift
+    return weight * scale.view((-1,) + (1,) * trailing_dims), shift
 
 
 def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
