@@ -62,7 +62,7 @@ $(STAMP): pyproject.toml $(VENV)/.torch-$(TORCH_VERSION)
 	$(MAKE) -j2 wheels
 	$(PIP) install --quiet --no-index --find-links $(WHEEL_DIR) \
 		torch-scatter==$(TORCH_SCATTER_VERSION) torch-cluster==$(TORCH_CLUSTER_VERSION)
-	$(PIP) install --quiet -e '.[test,docs,export]'
+	$(PIP) install --quiet -e '.[test,docs,export,train]'
 	touch $@
 
 docs: $(STAMP)

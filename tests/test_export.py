@@ -124,14 +124,14 @@ def test_plain_fx_says_what_to_do() -> None:
 
 def test_traced_forms_keep_train_eval_semantics() -> None:
     """Stochastic dilation and drop path act in training only, in FX-traced and compiled forms too."""
-    model = vig_pyg.create_model("pvig_test", stochastic=True, epsilon=1.0, drop_path_rate=0.5)
+    model = calibrated("pvig_test", stochastic=True, epsilon=1.0, drop_path_rate=0.5)
     x = torch.randn(2, 3, 96, 96)
     for run in (symbolic_trace(model), torch.compile(model, fullgraph=True)):
         model.eval()
         with torch.no_grad():
             a, b = run(x), run(x)
             assert torch.equal(a, b)
-            assert torch.allclose(a, model(x), atol=1e-5, rtol=1e-5)
+            assert torch.allclose(a, model(x), atol=1e-5 * float(a.abs().max()), rtol=1e-5)
         model.train()
         with torch.no_grad():
             outs = [run(x) for _ in range(3)]
