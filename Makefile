@@ -46,12 +46,13 @@ $(VENV)/.torch-$(TORCH_VERSION): | $(PY)
 	touch $@
 
 # Each extension's setup.py imports torch and compiles serially, so the two wheels are built side by side.
-$(WHEEL_DIR)/.torch_scatter-$(TORCH_SCATTER_VERSION): $(VENV)/.torch-$(TORCH_VERSION)
+# Order-only on the venv: a kept wheel is reused by a new venv with the same torch, never rebuilt.
+$(WHEEL_DIR)/.torch_scatter-$(TORCH_SCATTER_VERSION): | $(VENV)/.torch-$(TORCH_VERSION)
 	mkdir -p $(WHEEL_DIR)
 	$(PIP) wheel --quiet --no-build-isolation --no-deps -w $(WHEEL_DIR) torch-scatter==$(TORCH_SCATTER_VERSION)
 	touch $@
 
-$(WHEEL_DIR)/.torch_cluster-$(TORCH_CLUSTER_VERSION): $(VENV)/.torch-$(TORCH_VERSION)
+$(WHEEL_DIR)/.torch_cluster-$(TORCH_CLUSTER_VERSION): | $(VENV)/.torch-$(TORCH_VERSION)
 	mkdir -p $(WHEEL_DIR)
 	$(PIP) wheel --quiet --no-build-isolation --no-deps -w $(WHEEL_DIR) torch-cluster==$(TORCH_CLUSTER_VERSION)
 	touch $@
@@ -60,7 +61,9 @@ wheels: $(WHEEL_DIR)/.torch_scatter-$(TORCH_SCATTER_VERSION) $(WHEEL_DIR)/.torch
 
 $(STAMP): pyproject.toml $(VENV)/.torch-$(TORCH_VERSION)
 	$(MAKE) -j2 wheels
-	$(PIP) install --quiet --no-index --find-links $(WHEEL_DIR) \
+	# pip prefers the kept wheels over the registry's source archives; their dependencies (scipy) come
+	# from the registry.
+	$(PIP) install --quiet --find-links $(WHEEL_DIR) \
 		torch-scatter==$(TORCH_SCATTER_VERSION) torch-cluster==$(TORCH_CLUSTER_VERSION)
 	$(PIP) install --quiet -e '.[test,docs,export,train]'
 	touch $@

@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a model (default: a small Pyramid ViG on the embedded digits)",
         description="Train a model. Runs under torchrun too (DistributedDataParallel). Ends with a line "
-        "'best val top-1: NN.N%%'.",
+        "'best val top-1: NN.N%'.",
     )
     p.add_argument("--model", help=f"registered model name (default {DEFAULT_MODEL}; see `vig-pyg info`)")
     p.add_argument(
