@@ -59,10 +59,10 @@ $(WHEEL_DIR)/.torch_cluster-$(TORCH_CLUSTER_VERSION): | $(VENV)/.torch-$(TORCH_V
 
 wheels: $(WHEEL_DIR)/.torch_scatter-$(TORCH_SCATTER_VERSION) $(WHEEL_DIR)/.torch_cluster-$(TORCH_CLUSTER_VERSION)
 
+# pip prefers the kept wheels over the registry's source archives; their dependencies (scipy) come from
+# the registry.
 $(STAMP): pyproject.toml $(VENV)/.torch-$(TORCH_VERSION)
 	$(MAKE) -j2 wheels
-	# pip prefers the kept wheels over the registry's source archives; their dependencies (scipy) come
-	# from the registry.
 	$(PIP) install --quiet --find-links $(WHEEL_DIR) \
 		torch-scatter==$(TORCH_SCATTER_VERSION) torch-cluster==$(TORCH_CLUSTER_VERSION)
 	$(PIP) install --quiet -e '.[test,docs,export,train]'

@@ -57,22 +57,21 @@ def peak_memory_mb(fn, device: torch.device) -> float:
     return peak / 2**20
 
 
-def make_pair(name: str, device: torch.device):
-    ref = build_reference(**REFERENCE_VARIANTS[name]).to(device)
-    ours = vig_pyg.create_model(name).to(device)
+def make_pair(name: str, device: torch.device, size: int = 224):
+    # Both built for the input size: the reference as if the official code had been written for it.
+    ref = build_reference(**REFERENCE_VARIANTS[name], img_size=size).to(device)
+    ours = vig_pyg.create_model(name, img_size=size).to(device)
     ours.load_state_dict(convert_official(ref.state_dict(), ours))
     return ref, ours
 
 
 def bench_model(name: str, batch: int, size: int, train: bool, quick: bool, device, dtype) -> list[dict]:
-    ref, ours = make_pair(name, device)
+    ref, ours = make_pair(name, device, size)
     x = torch.randn(batch, 3, size, size, device=device)
     rows = []
     repeats = 3 if quick else 7
     sync = device.type == "cuda"
     impls = {"dense_reference": ref, "vig_pyg": ours}
-    if size != 224:
-        impls.pop("dense_reference")  # the official algorithm only runs at 224 x 224
     results: dict[str, dict[str, float]] = {}
     for impl, model in impls.items():
         model.eval()

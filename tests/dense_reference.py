@@ -617,18 +617,21 @@ class IsotropicViG(_ViGBase):
         dropout: float = 0.0,
         use_dilation: bool = True,
         bias: bool = True,
+        img_size: int = IMAGE_SIZE,
     ):
         super().__init__()
+        # img_size other than 224 builds the official algorithm as if it had been written for that size
+        # (node counts, position embedding and largest dilation derived from it); benchmarks use it.
         # Schedules are computed on the CPU explicitly so that building under a meta device context works.
         dpr = [v.item() for v in torch.linspace(0, drop_path_rate, blocks, device="cpu")]
         num_knn = [int(v.item()) for v in torch.linspace(k, 2 * k, blocks, device="cpu")]
-        max_dilation = (IMAGE_SIZE // 16) ** 2 // max(num_knn)
-        n = (IMAGE_SIZE // 16) ** 2
+        max_dilation = (img_size // 16) ** 2 // max(num_knn)
+        n = (img_size // 16) ** 2
         self.num_knn = num_knn
         self.dilations = [min(i // 4 + 1, max_dilation) if use_dilation else 1 for i in range(blocks)]
 
         self.stem = IsotropicStem(channels)
-        self.pos_embed = nn.Parameter(torch.zeros(1, channels, IMAGE_SIZE // 16, IMAGE_SIZE // 16))
+        self.pos_embed = nn.Parameter(torch.zeros(1, channels, img_size // 16, img_size // 16))
         layers: list[nn.Module] = []
         for i in range(blocks):
             grapher = Grapher(
@@ -670,6 +673,7 @@ class PyramidViG(_ViGBase):
         use_stochastic: bool = False,
         epsilon: float = 0.2,
         bias: bool = True,
+        img_size: int = IMAGE_SIZE,
     ):
         super().__init__()
         if len(channels) != len(PYRAMID_REDUCE_RATIOS) or len(blocks) != len(PYRAMID_REDUCE_RATIOS):
@@ -677,15 +681,15 @@ class PyramidViG(_ViGBase):
         total = sum(blocks)
         dpr = [v.item() for v in torch.linspace(0, drop_path_rate, total, device="cpu")]
         num_knn = [int(v.item()) for v in torch.linspace(k, k, total, device="cpu")]
-        max_dilation = 49 // max(num_knn)
+        max_dilation = (img_size // 32) ** 2 // max(num_knn)
         self.num_knn = num_knn
         self.dilations = [min(idx // 4 + 1, max_dilation) for idx in range(total)]
 
         self.stem = PyramidStem(channels[0])
-        self.pos_embed = nn.Parameter(torch.zeros(1, channels[0], IMAGE_SIZE // 4, IMAGE_SIZE // 4))
+        self.pos_embed = nn.Parameter(torch.zeros(1, channels[0], img_size // 4, img_size // 4))
         layers: list[nn.Module] = []
         self.stage_ends = []
-        n = (IMAGE_SIZE // 4) ** 2
+        n = (img_size // 4) ** 2
         idx = 0
         for stage, (c, depth) in enumerate(zip(channels, blocks)):
             if stage > 0:
@@ -724,17 +728,20 @@ def build_reference(
     drop_path_rate: float = 0.0,
     use_stochastic: bool = False,
     epsilon: float = 0.2,
+    img_size: int = IMAGE_SIZE,
 ) -> IsotropicViG | PyramidViG:
     """Build the dense reference model of the given family ("isotropic" or "pyramid").
 
     isotropic: ``channels`` and ``blocks`` are ints; pyramid: 4-tuples (one entry per stage).
-    Only 224x224 inputs work, as in the official models. The result is in training mode like any new
+    Only ``img_size`` inputs work (224 by default), as in the official models. The result is in training mode like any new
     module; call ``.eval()`` before comparing outputs.
     """
     if family == "isotropic":
         if not isinstance(channels, int) or not isinstance(blocks, int):
             raise TypeError("isotropic ViG takes int channels and blocks")
-        return IsotropicViG(channels, blocks, k, conv, num_classes, drop_path_rate, use_stochastic, epsilon)
+        return IsotropicViG(
+            channels, blocks, k, conv, num_classes, drop_path_rate, use_stochastic, epsilon, img_size=img_size
+        )
     if family == "pyramid":
         if isinstance(channels, int) or isinstance(blocks, int):
             raise TypeError("pyramid ViG takes 4-tuples of channels and blocks")
@@ -744,6 +751,6 @@ def build_reference(
             raise ValueError("pyramid channels and blocks must have 4 entries (one per stage)")
         return PyramidViG(
             (ch[0], ch[1], ch[2], ch[3]), (bl[0], bl[1], bl[2], bl[3]),
-            k, conv, num_classes, drop_path_rate, use_stochastic, epsilon,
+            k, conv, num_classes, drop_path_rate, use_stochastic, epsilon, img_size=img_size,
         )  # fmt: skip
     raise ValueError(f"unknown family {family!r}; expected 'isotropic' or 'pyramid'")

@@ -13,7 +13,7 @@ from vig_pyg.graph.dynamic import GridKNNGraph
 from vig_pyg.graph.knn import KNNMethod
 from vig_pyg.layers.common import ConvNorm, DropPath
 from vig_pyg.nn.base import ViGConv
-from vig_pyg.nn.mlp import make_activation
+from vig_pyg.nn.mlp import activate, make_activation, residual_add
 from vig_pyg.nn.registry import build_conv
 
 __all__ = ["FFN", "Grapher", "ViGBlock"]
@@ -94,7 +94,7 @@ class Grapher(nn.Module):
         inputs = nodes if keys is nodes else (keys, nodes)
         x = nodes_to_image(self.graph_conv(inputs, edge_index, k=self.knn.k), b, h, w)  # (B, 2C, H, W)
         x = self.fc2(x)
-        return self.drop_path(x) + shortcut
+        return residual_add(self.drop_path(x), shortcut)
 
 
 class FFN(nn.Module):
@@ -108,7 +108,7 @@ class FFN(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.drop_path(self.fc2(self.act(self.fc1(x)))) + x
+        return residual_add(self.drop_path(self.fc2(activate(self.act, self.fc1(x)))), x)
 
 
 class ViGBlock(nn.Module):

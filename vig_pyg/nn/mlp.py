@@ -18,9 +18,11 @@ __all__ = [
     "ACTIVATIONS",
     "GroupedLinear",
     "GroupedMLP",
+    "activate",
     "fold_batch_norm",
     "grouped_linear",
     "make_activation",
+    "residual_add",
 ]
 
 ACTIVATIONS = {
@@ -40,6 +42,32 @@ def make_activation(name: str | None) -> nn.Module:
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(sorted(ACTIVATIONS))}")
     return ACTIVATIONS[name]()
+
+
+def _recording(x: Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+def activate(act: nn.Module, x: Tensor) -> Tensor:
+    """``act(x)``; in place when autograd is not recording and ``x`` is a fresh intermediate.
+
+    Large fresh outputs cost page faults on CPU (the allocator hands big blocks back to the OS), so in
+    inference the activation overwrites its input instead. Callers pass only tensors nobody else holds.
+    """
+    if _recording(x):
+        return act(x)
+    if isinstance(act, nn.GELU):
+        return torch.ops.aten.gelu_(x, approximate=act.approximate)
+    if isinstance(act, nn.ReLU):
+        return x.relu_()
+    return act(x)
+
+
+def residual_add(branch: Tensor, shortcut: Tensor) -> Tensor:
+    """``branch + shortcut``, accumulated into ``branch`` (a fresh intermediate) when not recording."""
+    if _recording(branch) or _recording(shortcut):
+        return branch + shortcut
+    return branch.add_(shortcut)
 
 
 def fold_batch_norm(
@@ -159,4 +187,4 @@ class GroupedMLP(nn.Sequential):
             x = grouped_linear(x, weight, bias, self.lin.groups)
         else:
             x = self.norm(self.lin(x))
-        return self.act(x).reshape(*lead, -1)
+        return activate(self.act, x).reshape(*lead, -1)
