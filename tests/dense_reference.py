@@ -733,8 +733,8 @@ def build_reference(
     """Build the dense reference model of the given family ("isotropic" or "pyramid").
 
     isotropic: ``channels`` and ``blocks`` are ints; pyramid: 4-tuples (one entry per stage).
-    Only ``img_size`` inputs work (224 by default), as in the official models. The result is in training mode like any new
-    module; call ``.eval()`` before comparing outputs.
+    Only ``img_size`` inputs work (224 by default), as in the official models. The result is in training
+    mode like any new module; call ``.eval()`` before comparing outputs.
     """
     if family == "isotropic":
         if not isinstance(channels, int) or not isinstance(blocks, int):
