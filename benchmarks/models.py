@@ -5,14 +5,14 @@
 
 For each variant both implementations get the same weights (converted from the reference's official
 layout); each is timed for the eval forward (and with ``--train`` a training step: forward, backward,
-AdamW step) with warm-up and the median of several runs, and its peak memory is recorded: on CUDA the
-allocator's peak above what was allocated before the call, on CPU the peak of live tensor bytes during the
-call from the profiler's allocation events.
+AdamW step) with warm-up and the median of several runs. Peak memory (CPU, Linux) is measured in a fresh
+process per model: the growth of the resident-set high-water mark over one call.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
@@ -35,26 +35,46 @@ DEFAULT_MODELS = [
 ]
 
 
-def peak_memory_mb(fn, device: torch.device) -> float:
-    """Peak memory of one call: CUDA allocator peak, or on CPU the profiler's peak of live allocations."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    from torch.profiler import ProfilerActivity, profile
+_MEMORY_SNIPPET = """
+import re, sys, torch
+from pathlib import Path
+sys.path.insert(0, {root!r})
+from benchmarks.models import make_pair
+name, impl, size, batch, train = {args!r}
+torch.manual_seed(0)
+ref, ours = make_pair(name, torch.device("cpu"), size)
+model = ref if impl == "dense_reference" else ours
+del ref, ours
+x = torch.randn(batch, 3, size, size)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if train else None
+target = torch.randint(1000, (batch,))
+def rss(field):
+    return int(re.search(field + r":\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+base = rss("VmRSS")
+if train:
+    model.train()
+    loss = torch.nn.functional.cross_entropy(model(x), target)
+    loss.backward()
+    opt.step()
+else:
+    model.eval()
+    with torch.no_grad():
+        model(x)
+print(rss("VmHWM") - base)
+"""
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    # Walk the allocation events in time order, tracking live bytes.
-    events = sorted((e for e in prof.events() if e.cpu_memory_usage != 0), key=lambda e: e.time_range.start)
-    live = peak = 0
-    for e in events:
-        live += e.cpu_memory_usage
-        peak = max(peak, live)
-    return peak / 2**20
+
+def peak_memory_mb(name: str, impl: str, size: int, batch: int, train: bool) -> float:
+    """Peak working memory of one call (CPU), measured in a fresh process.
+
+    The growth of the resident-set high-water mark over the first call, after the model, input and
+    optimizer exist: a fresh process has no freed heap to reuse, so this is what the call needs at its
+    peak (the optimizer's state, created in the first step, is included for training).
+    """
+    root = str(Path(__file__).resolve().parents[1])
+    code = _MEMORY_SNIPPET.format(root=root, args=(name, impl, size, batch, train))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def make_pair(name: str, device: torch.device, size: int = 224):
@@ -81,7 +101,7 @@ def bench_model(name: str, batch: int, size: int, train: bool, quick: bool, devi
                 return model(x)
 
         t = median_time(forward, warmup=2, repeats=repeats, sync=sync)
-        mem = peak_memory_mb(forward, device)
+        mem = peak_memory_mb(name, impl, size, batch, False) if device.type == "cpu" else float("nan")
         results[impl] = {"eval_s": t, "eval_mem": mem}
         if train:
             model.train()
@@ -96,7 +116,9 @@ def bench_model(name: str, batch: int, size: int, train: bool, quick: bool, devi
                 opt.step()
 
             results[impl]["train_s"] = median_time(step, warmup=1, repeats=max(3, repeats // 2), sync=sync)
-            results[impl]["train_mem"] = peak_memory_mb(step, device)
+            results[impl]["train_mem"] = (
+                peak_memory_mb(name, impl, size, batch, True) if device.type == "cpu" else float("nan")
+            )
     base = results.get("dense_reference")
     for impl, r in results.items():
         row = {
