@@ -5,8 +5,9 @@
 
 For each variant both implementations get the same weights (converted from the reference's official
 layout); each is timed for the eval forward (and with ``--train`` a training step: forward, backward,
-AdamW step) with warm-up and the median of several runs. Peak memory (CPU, Linux) is measured in a fresh
-process per model: the growth of the resident-set high-water mark over one call.
+AdamW step) with warm-up and the median of several runs. Peak memory: on CPU (Linux) measured in a fresh
+process per model, as the growth of the resident-set high-water mark over one call; on CUDA the allocator's
+peak above what was allocated before the call.
 """
 
 from __future__ import annotations
@@ -77,6 +78,16 @@ def peak_memory_mb(name: str, impl: str, size: int, batch: int, train: bool) -> 
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def cuda_peak_memory_mb(fn) -> float:
+    """Peak CUDA memory one call allocates above what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def make_pair(name: str, device: torch.device, size: int = 224):
     # Both built for the input size: the reference as if the official code had been written for it.
     ref = build_reference(**REFERENCE_VARIANTS[name], img_size=size).to(device)
@@ -101,7 +112,11 @@ def bench_model(name: str, batch: int, size: int, train: bool, quick: bool, devi
                 return model(x)
 
         t = median_time(forward, warmup=2, repeats=repeats, sync=sync)
-        mem = peak_memory_mb(name, impl, size, batch, False) if device.type == "cpu" else float("nan")
+        mem = (
+            peak_memory_mb(name, impl, size, batch, False)
+            if device.type == "cpu"
+            else cuda_peak_memory_mb(forward)
+        )
         results[impl] = {"eval_s": t, "eval_mem": mem}
         if train:
             model.train()
@@ -117,7 +132,9 @@ def bench_model(name: str, batch: int, size: int, train: bool, quick: bool, devi
 
             results[impl]["train_s"] = median_time(step, warmup=1, repeats=max(3, repeats // 2), sync=sync)
             results[impl]["train_mem"] = (
-                peak_memory_mb(name, impl, size, batch, True) if device.type == "cpu" else float("nan")
+                peak_memory_mb(name, impl, size, batch, True)
+                if device.type == "cpu"
+                else cuda_peak_memory_mb(step)
             )
     base = results.get("dense_reference")
     for impl, r in results.items():
