@@ -11,8 +11,8 @@ from vig_pyg.graph.knn import (
     LowRankBias,
     _cluster_candidates,
     choose_method,
-    dense_knn,
     dilate,
+    equal_size_candidates,
     neighbors_to_edge_index,
 )
 from vig_pyg.graph.relative_pos import relative_position_bias, relative_position_factors
@@ -115,13 +115,7 @@ class GridKNNGraph(nn.Module):
             y = F.normalize(keys, dim=-1) if bipartite else x
             bias = self._bias(method == "dense", height, width, nodes.device)
             if method == "dense":
-                nbr = dense_knn(
-                    x.view(batch_size, n, -1), y.view(batch_size, m, -1) if bipartite else None, kd, bias
-                )
-                nbr = nbr + (torch.arange(batch_size, device=nodes.device) * m).view(
-                    -1, 1, 1
-                )  # global key ids
-                nbr = nbr.view(-1, kd)
+                nbr = equal_size_candidates(x, y if bipartite else None, kd, batch_size, bias)
             else:
                 batch = torch.arange(batch_size, device=nodes.device).repeat_interleave(n)
                 batch_y = (

@@ -26,6 +26,7 @@ __all__ = [
     "choose_method",
     "dense_knn",
     "dilate",
+    "equal_size_candidates",
     "knn_graph",
     "neighbors_to_edge_index",
 ]
@@ -259,6 +260,21 @@ def choose_method(channels: int, max_queries: int, max_keys: int) -> str:
     return "dense"
 
 
+def equal_size_candidates(
+    x: Tensor, y: Tensor | None, kd: int, num_graphs: int, bias: Tensor | None
+) -> Tensor:
+    """``(N, kd)`` global key indices, nearest first, for ``num_graphs`` graphs of equal sizes.
+
+    ``x`` (``(num_graphs * n, C)``) and ``y`` (``(num_graphs * m, C)`` or ``None``) are already normalised.
+    """
+    n = x.size(0) // num_graphs
+    m = n if y is None else y.size(0) // num_graphs
+    yk = None if y is None else y.view(num_graphs, m, -1)  # (B, M, C)
+    nbr = dense_knn(x.view(num_graphs, n, -1), yk, kd, bias)  # (B, N, kd)
+    offset = (torch.arange(num_graphs, device=x.device) * m).view(-1, 1, 1)  # global key ids
+    return (nbr + offset).view(-1, kd)
+
+
 def _dense_candidates(
     x: Tensor,
     y: Tensor | None,
@@ -274,12 +290,7 @@ def _dense_candidates(
     dense_bias = bias.dense() if isinstance(bias, LowRankBias) else bias
     num_graphs = query_sizes.numel()
     if equal_sizes:
-        n, m = int(query_sizes[0]), int(key_sizes[0])
-        xq = x.view(num_graphs, n, -1)  # (B, N, C)
-        yk = None if y is None else y.view(num_graphs, m, -1)  # (B, M, C)
-        nbr = dense_knn(xq, yk, kd, dense_bias)  # (B, N, kd)
-        offset = (torch.arange(num_graphs, device=x.device) * m).view(-1, 1, 1)
-        return (nbr + offset).reshape(-1, kd)
+        return equal_size_candidates(x, y, kd, num_graphs, dense_bias)
     # Ragged batch: pad every graph to the largest, mask padded keys, drop padded queries.
     from torch_geometric.utils import to_dense_batch
 

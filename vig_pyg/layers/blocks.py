@@ -12,9 +12,8 @@ from vig_pyg.graph.bridge import image_to_nodes, nodes_to_image
 from vig_pyg.graph.dynamic import GridKNNGraph
 from vig_pyg.graph.knn import KNNMethod
 from vig_pyg.layers.common import ConvNorm, DropPath
-from vig_pyg.nn.base import ViGConv
 from vig_pyg.nn.mlp import activate, make_activation, residual_add
-from vig_pyg.nn.registry import build_conv
+from vig_pyg.nn.registry import build_conv, takes_vig_options
 
 __all__ = ["FFN", "Grapher", "ViGBlock"]
 
@@ -68,9 +67,7 @@ class Grapher(nn.Module):
             grid_size,
         )
         conv_kwargs: dict[str, Any] = {}
-        if (isinstance(conv, str) and conv in ("mr", "edge", "gin", "sage")) or (
-            isinstance(conv, type) and issubclass(conv, ViGConv)
-        ):
+        if takes_vig_options(conv):
             conv_kwargs = {"groups": groups, "act": act, "norm": norm, "bias": bias}
         self.graph_conv = build_conv(conv, channels, 2 * channels, **conv_kwargs)
         self.fc2 = ConvNorm(2 * channels, channels)

@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from vig_pyg.layers.common import ClassifierHead, ConvNorm
 from vig_pyg.nn.mlp import GroupedLinear
 
-__all__ = ["ViGModel", "ViGStage", "add_position_embedding"]
+__all__ = ["FeatureExtractor", "ViGModel", "ViGStage", "add_position_embedding"]
 
 
 def add_position_embedding(x: Tensor, pos_embed: Tensor) -> Tensor:
@@ -213,9 +213,6 @@ class FeatureExtractor(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
-
-
-__all__ += ["FeatureExtractor"]
 
 
 def downsample(in_channels: int, out_channels: int) -> ConvNorm:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from vig_pyg.graph.relative_pos import relative_position_bias
+from vig_pyg.graph.dynamic import GridKNNGraph
 
 __all__ = [
     "convert_official",
@@ -105,20 +105,16 @@ def official_key_map(model: nn.Module) -> dict[str, str]:
     return mapping
 
 
-def _relative_pos_keys(model: nn.Module) -> dict[str, tuple[int, int, int]]:
-    """Official ``relative_pos`` key -> (channels, grid side, reduce ratio) for every pyramid Grapher."""
+def _relative_pos_keys(model: nn.Module) -> dict[str, GridKNNGraph]:
+    """Official ``relative_pos`` key -> the kNN module holding that term, for every pyramid Grapher."""
     offsets = _stage_offsets(model)
     if offsets is None:
         return {}
     out = {}
-    h = -(-model.img_size[0] // 4)  # type: ignore[attr-defined]
     for s, stage in enumerate(model.stages):  # type: ignore[attr-defined]
-        if s > 0:
-            h = -(-h // 2)
         for j, block in enumerate(stage.blocks):
-            knn = block.grapher.knn
-            if knn.relative_pos_dim is not None:
-                out[f"backbone.{offsets[s] + j}.0.relative_pos"] = (knn.relative_pos_dim, h, knn.reduce_ratio)
+            if block.grapher.knn.relative_pos_dim is not None:
+                out[f"backbone.{offsets[s] + j}.0.relative_pos"] = block.grapher.knn
     return out
 
 
@@ -164,18 +160,19 @@ def convert_official(state_dict: Mapping[str, Tensor], model: nn.Module) -> dict
     unexpected = [k for k in state_dict if k not in set(mapping.values()) and k not in rel_keys]
     if missing or unexpected:
         raise _missing_unexpected_error(missing, unexpected, "the official checkpoint")
-    for key, (dim, side, r) in rel_keys.items():
+    for key, knn in rel_keys.items():
         if key in state_dict:
-            expected = relative_position_bias(dim, side, side, r)
-            stored = (
-                state_dict[key].reshape(-1, expected.size(-1))
-                if state_dict[key].numel() == expected.numel()
-                else None
-            )
-            if stored is None or (stored.float() - expected).abs().max() > 1e-4:
+            expected = knn.rel_bias.cpu()  # the term the model computed for its planned grid
+            stored = state_dict[key]
+            if (
+                stored.numel() != expected.numel()
+                or (stored.reshape(expected.shape).float() - expected).abs().max() > 1e-4
+            ):
+                h, w = knn.grid_size
                 raise ValueError(
                     f"{key} in the checkpoint differs from the relative-position term of this model "
-                    f"({dim} channels on a {side}x{side} grid, reduce ratio {r}): wrong variant or image size"
+                    f"({knn.relative_pos_dim} channels on a {h}x{w} grid, reduce ratio {knn.reduce_ratio}): "
+                    "wrong variant or image size"
                 )
     return {
         ours: _fit(state_dict[official], own[ours].shape, official, "the checkpoint")
@@ -198,11 +195,10 @@ def to_official(state_dict: Mapping[str, Tensor], model: nn.Module) -> dict[str,
         if is_mlp or ours in ("head.fc.weight", "head.classifier.weight"):
             value = value.reshape(*value.shape, 1, 1)
         out[official] = value
-    for key, (dim, side, r) in rel.items():
-        out[key] = relative_position_bias(dim, side, side, r).unsqueeze(0)
+    for key, knn in rel.items():
+        out[key] = knn.rel_bias.cpu().unsqueeze(0)
     # The official modules register relative_pos first in each Grapher; order the keys the same way.
-    order = {k: i for i, k in enumerate(sorted(out, key=lambda k: _official_sort_key(k)))}
-    return dict(sorted(out.items(), key=lambda kv: order[kv[0]]))
+    return dict(sorted(out.items(), key=lambda kv: _official_sort_key(kv[0])))
 
 
 def _official_sort_key(key: str) -> tuple:

@@ -24,7 +24,14 @@ from vig_pyg.nn.gin import GINConv
 from vig_pyg.nn.mr import MRConv
 from vig_pyg.nn.sage import GraphSAGE
 
-__all__ = ["PyGConvAdapter", "build_conv", "list_convs", "register_conv", "resolve_conv_name"]
+__all__ = [
+    "PyGConvAdapter",
+    "build_conv",
+    "list_convs",
+    "register_conv",
+    "resolve_conv_name",
+    "takes_vig_options",
+]
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,13 @@ _REGISTRY.update(
         "edge_pyg": _ConvEntry(_pyg_edge),
     }
 )
+
+
+def takes_vig_options(conv: str | type | Callable[..., nn.Module]) -> bool:
+    """Whether ``conv`` is one of ViG's own convolutions (taking ``groups``, ``act``, ``norm``, ``bias``)."""
+    if isinstance(conv, str):
+        return conv in _VIG_CONVS
+    return inspect.isclass(conv) and issubclass(conv, ViGConv)
 
 
 def list_convs() -> list[str]:
