@@ -24,7 +24,8 @@ def add_position_embedding(x: Tensor, pos_embed: Tensor) -> Tensor:
     """
     if pos_embed.shape[-2:] != x.shape[-2:]:
         pos_embed = F.interpolate(pos_embed, size=x.shape[-2:], mode="bicubic", align_corners=False)
-    return x + pos_embed
+    # The trunk runs on channels-last maps, whose node view (B, H, W, C) is free (see ConvNorm).
+    return (x + pos_embed).contiguous(memory_format=torch.channels_last)
 
 
 torch.fx.wrap("add_position_embedding")
@@ -127,6 +128,7 @@ class ViGModel(nn.Module):
     def _embed(self, x: Tensor) -> Tensor:
         if not torch.fx._symbolic_trace.is_fx_symbolic_tracing():  # FX proxies have no values to check
             self._check_input(x)
+        x = x.contiguous(memory_format=torch.channels_last)
         return add_position_embedding(self.stem(x), self.pos_embed)
 
     # -- timm contract --------------------------------------------------------------------------------
