@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -13,6 +14,8 @@ from vig_pyg.graph.dynamic import GridKNNGraph
 from vig_pyg.graph.knn import KNNMethod
 from vig_pyg.layers.common import ConvNorm, DropPath
 from vig_pyg.nn.mlp import activate, make_activation, residual_add
+from vig_pyg.nn.mr import MRConv
+from vig_pyg.nn.recompute import batch_norm_once, can_recompute, norm_act_linear
 from vig_pyg.nn.registry import build_conv, takes_vig_options
 
 __all__ = ["FFN", "Grapher", "ViGBlock"]
@@ -73,6 +76,18 @@ class Grapher(nn.Module):
         self.fc2 = ConvNorm(2 * channels, channels)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
+    def _pool(self, nodes: Tensor, b: int, h: int, w: int) -> Tensor:
+        """The key nodes: ``nodes`` themselves, or those of the ``reduce_ratio``-average-pooled map."""
+        if self.reduce_ratio == 1:
+            return nodes
+        r = self.reduce_ratio
+        return image_to_nodes(F.avg_pool2d(nodes_to_image(nodes, b, h, w), r, r))  # (B*M, C)
+
+    def _sources(self, replay_norm, b, h, w, pre, weight, bias) -> tuple[Tensor, Tensor]:
+        # fc1's norm replayed on its linear output, then the pooling: the conv's (x_src, x_dst).
+        nodes = replay_norm(pre, weight, bias)
+        return self._pool(nodes, b, h, w), nodes
+
     def forward(self, x: Tensor) -> Tensor:
         if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
             raise TypeError(
@@ -80,18 +95,40 @@ class Grapher(nn.Module):
                 "see; trace with vig_pyg.export.symbolic_trace(model), which keeps Graphers as leaf modules"
             )
         shortcut = x
-        x = self.fc1(x)
         b, _, h, w = x.shape
-        nodes = image_to_nodes(x)  # (B*H*W, C)
-        if self.reduce_ratio > 1:
-            keys = image_to_nodes(F.avg_pool2d(x, self.reduce_ratio, self.reduce_ratio))  # (B*M, C)
+        conv = self.graph_conv
+        if isinstance(conv, MRConv) and self.knn.k <= 256 and can_recompute(x, conv.nn.norm, conv.nn.act):
+            x = self._train_mr(x, b, h, w)
         else:
-            keys = nodes
-        edge_index = self.knn(nodes, keys, b, h, w)
-        inputs = nodes if keys is nodes else (keys, nodes)
-        x = nodes_to_image(self.graph_conv(inputs, edge_index, k=self.knn.k), b, h, w)  # (B, 2C, H, W)
-        x = self.fc2(x)
+            nodes = image_to_nodes(self.fc1(x))  # (B*H*W, C)
+            keys = self._pool(nodes, b, h, w)
+            edge_index = self.knn(nodes, keys, b, h, w)
+            inputs = nodes if keys is nodes else (keys, nodes)
+            mlp = getattr(conv, "output_mlp", None)
+            if mlp is not None and can_recompute(x, mlp.norm, mlp.act):
+                # Training: the conv's norm + act and fc2's linear map as one step that keeps only the
+                # conv's pre-norm output for backward (vig_pyg.nn.recompute).
+                x = conv(inputs, edge_index, k=self.knn.k, pre_norm=True)  # (B*H*W, 2C)
+                fc2 = self.fc2.conv
+                x = norm_act_linear(x, mlp.norm, mlp.act, fc2.weight.flatten(1), fc2.bias)
+                x = self.fc2.norm(nodes_to_image(x, b, h, w))
+            else:
+                x = nodes_to_image(conv(inputs, edge_index, k=self.knn.k), b, h, w)  # (B, 2C, H, W)
+                x = self.fc2(x)
         return residual_add(self.drop_path(x), shortcut)
+
+    def _train_mr(self, x: Tensor, b: int, h: int, w: int) -> Tensor:
+        """Training with MRConv: everything between fc1's linear map and fc2's norm (fc1's norm, the
+        pooling, the conv, its norm + act, fc2's linear map) is replayed in backward from fc1's linear
+        output, the one tensor kept (vig_pyg.nn.recompute). Same results as the plain layers."""
+        norm, mlp, fc2 = self.fc1.norm, self.graph_conv.nn, self.fc2.conv
+        pre = self.fc1.project(x).view(b * h * w, -1)  # (B*H*W, C) before the norm
+        nodes, replay = batch_norm_once(norm, pre)  # updates the running statistics, once
+        edge_index = self.knn(nodes, self._pool(nodes, b, h, w), b, h, w)
+        sources = functools.partial(self._sources, replay, b, h, w)
+        conv = self.graph_conv.replayable(edge_index, self.knn.k, sources, (pre, norm.weight, norm.bias))
+        x = norm_act_linear(None, mlp.norm, mlp.act, fc2.weight.flatten(1), fc2.bias, recompute_from=conv)
+        return self.fc2.norm(nodes_to_image(x, b, h, w))
 
 
 class FFN(nn.Module):
@@ -105,7 +142,18 @@ class FFN(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        return residual_add(self.drop_path(self.fc2(activate(self.act, self.fc1(x)))), x)
+        if can_recompute(x, self.fc1.norm, self.act):
+            # Training: fc1's norm + act and fc2's linear map as one step that keeps only fc1's
+            # pre-norm output for backward (vig_pyg.nn.recompute).
+            b, _, h, w = x.shape
+            hidden = self.fc1.project(x).view(b * h * w, -1)  # (B*H*W, hidden)
+            out = norm_act_linear(
+                hidden, self.fc1.norm, self.act, self.fc2.conv.weight.flatten(1), self.fc2.conv.bias
+            )
+            out = self.fc2.norm(nodes_to_image(out, b, h, w))
+        else:
+            out = self.fc2(activate(self.act, self.fc1(x)))
+        return residual_add(self.drop_path(out), x)
 
 
 class ViGBlock(nn.Module):

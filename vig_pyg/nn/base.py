@@ -6,6 +6,7 @@ from torch import Tensor
 from torch_geometric.nn import MessagePassing
 
 from vig_pyg.nn.aggr import check_k_regular
+from vig_pyg.nn.mlp import GroupedMLP
 
 __all__ = ["PairTensor", "ViGConv"]
 
@@ -30,6 +31,16 @@ class ViGConv(MessagePassing):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.groups = groups
+
+    @property
+    def output_mlp(self) -> GroupedMLP | None:
+        """The grouped MLP whose norm and activation end this conv, if it ends in one.
+
+        Convs that have one take ``pre_norm=True`` in ``forward`` and then return the MLP's linear
+        output only, so that a caller can fuse the norm and activation with its next layer
+        (:func:`vig_pyg.nn.recompute.norm_act_linear`, as the Grapher does in training).
+        """
+        return None
 
     def _split(self, x: Tensor | PairTensor, edge_index: Tensor, k: int | None) -> PairTensor:
         if isinstance(x, Tensor):

@@ -65,13 +65,19 @@ class GINConv(ViGConv):
         self.nn.reset_parameters()
         self.eps.data.fill_(self.initial_eps)
 
-    def forward(self, x: Tensor | PairTensor, edge_index: Tensor, k: int | None = None) -> Tensor:
+    @property
+    def output_mlp(self) -> GroupedMLP:
+        return self.nn
+
+    def forward(
+        self, x: Tensor | PairTensor, edge_index: Tensor, k: int | None = None, pre_norm: bool = False
+    ) -> Tensor:
         x_src, x_dst = self._split(x, edge_index, k)
         if k is not None:
             agg = gather_neighbors(x_src, edge_index, k).sum(dim=1)  # (N, C)
         else:
             agg = self.propagate(edge_index, x=(x_src, x_dst))
-        return self.nn((1 + self.eps) * x_dst + agg)
+        return self.nn((1 + self.eps) * x_dst + agg, pre_norm=pre_norm)
 
     def message(self, x_j: Tensor) -> Tensor:
         return x_j

@@ -21,6 +21,7 @@ __all__ = [
     "activate",
     "fold_batch_norm",
     "grouped_linear",
+    "grouped_linear_backward",
     "make_activation",
     "residual_add",
 ]
@@ -105,6 +106,25 @@ def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) 
     return out.transpose(0, 1).reshape(n, c_out)
 
 
+def grouped_linear_backward(
+    grad_out: Tensor, x: Tensor, weight: Tensor, groups: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of :func:`grouped_linear` for input, weight and bias, from ``(N, Cout)`` ``grad_out``.
+
+    For layers whose input is recomputed in backward (:mod:`vig_pyg.nn.recompute`) rather than kept.
+    """
+    grad_bias = grad_out.sum(0)
+    if groups == 1:
+        return grad_out @ weight, grad_out.t() @ x, grad_bias
+    n, c_out = grad_out.shape
+    go = grad_out.view(n, groups, c_out // groups).transpose(0, 1)  # (G, N, Cout/G)
+    xg = x.view(n, groups, -1).transpose(0, 1)  # (G, N, Cin/G)
+    w = weight.view(groups, c_out // groups, -1)  # (G, Cout/G, Cin/G)
+    grad_x = torch.bmm(go, w).transpose(0, 1).reshape(n, -1)
+    grad_w = torch.bmm(go.transpose(1, 2), xg).reshape_as(weight)
+    return grad_x, grad_w, grad_bias
+
+
 class GroupedLinear(nn.Module):
     """A linear layer whose channels are split into ``groups`` independent blocks (a grouped 1x1 conv).
 
@@ -178,9 +198,16 @@ class GroupedMLP(nn.Sequential):
         if isinstance(self.norm, nn.BatchNorm1d):
             self.norm.reset_parameters()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, pre_norm: bool = False) -> Tensor:
+        """``act(norm(lin(x)))``; with ``pre_norm=True`` only ``lin(x)`` (see :meth:`norm_act`).
+
+        ``pre_norm`` lets a caller fuse the norm and activation with its own next layer
+        (:func:`vig_pyg.nn.recompute.norm_act_linear`).
+        """
         lead = x.shape[:-1]
         x = x.reshape(-1, x.size(-1))  # (rows, C): BatchNorm1d's layout
+        if pre_norm:
+            return self.lin(x).reshape(*lead, -1)
         if isinstance(self.norm, nn.BatchNorm1d) and not self.norm.training:
             # Eval: the BatchNorm is an affine map; folded into the linear layer it costs nothing.
             weight, bias = fold_batch_norm(self.lin.weight, self.lin.bias, self.norm)
@@ -188,3 +215,7 @@ class GroupedMLP(nn.Sequential):
         else:
             x = self.norm(self.lin(x))
         return activate(self.act, x).reshape(*lead, -1)
+
+    def norm_act(self, x: Tensor) -> Tensor:
+        """The rest of :meth:`forward` after ``pre_norm=True``: ``act(norm(x))``."""
+        return activate(self.act, self.norm(x))

@@ -2,14 +2,78 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Sequence
+
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
-from vig_pyg.nn.aggr import gather_max
+from vig_pyg.nn.aggr import _first_argmax, check_k_regular, gather_max
 from vig_pyg.nn.base import PairTensor, ViGConv
-from vig_pyg.nn.mlp import GroupedMLP
+from vig_pyg.nn.mlp import GroupedMLP, grouped_linear, grouped_linear_backward
+from vig_pyg.nn.recompute import recompute_enabled
 
 __all__ = ["MRConv"]
+
+
+class _MaxRelativeLinear(torch.autograd.Function):
+    """``lin([x_dst, max_j x_src[j] - x_dst] interleaved)`` keeping for backward only the inputs and the
+    winners' positions (uint8): the ``(N, 2C)`` input of the linear layer is rebuilt there from one
+    ``(N, C)`` gather. Gradients of the max go to the first neighbour reaching it (see ``gather_max``).
+
+    With ``source_fn``, ``(x_src, x_dst)`` is ``source_fn(*source_inputs)`` (pass ``None`` for both) and
+    only ``source_inputs`` are kept: backward replays ``source_fn`` to get them.
+    """
+
+    @staticmethod
+    def forward(ctx, x_src, x_dst, index, k, weight, bias, groups, source_fn, *source_inputs):  # type: ignore[override]
+        if source_fn is not None:
+            x_src, x_dst = source_fn(*source_inputs)
+        gathered = x_src.index_select(0, index).view(-1, k, x_src.size(-1))  # (N, k, C)
+        best = gathered.amax(dim=1)
+        pos = _first_argmax(gathered, best)
+        del gathered
+        h = torch.stack([x_dst, best.sub_(x_dst)], dim=-1).flatten(1)  # (N, 2C) interleaved
+        kept = source_inputs if source_fn is not None else (x_src, x_dst)
+        ctx.save_for_backward(index, pos, weight, *kept)
+        ctx.k, ctx.groups, ctx.has_bias, ctx.source_fn = k, groups, bias is not None, source_fn
+        return grouped_linear(h, weight, bias, groups)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        index, pos, weight, *kept = ctx.saved_tensors
+        if ctx.source_fn is not None:
+            inputs = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in kept]
+            with torch.enable_grad():
+                x_src, x_dst = ctx.source_fn(*inputs)
+        else:
+            x_src, x_dst = kept
+        source = index.view(-1, ctx.k).gather(1, pos.long())  # (N, C) source node of every max
+        rel = x_src.detach().gather(0, source).sub_(x_dst.detach())
+        h = torch.stack([x_dst.detach(), rel], dim=-1).flatten(1)
+        grad_h, grad_w, grad_b = grouped_linear_backward(grad_out, h, weight, ctx.groups)
+        grad_h = grad_h.view(grad_h.size(0), -1, 2)
+        grad_rel = grad_h[..., 1]
+        grad_dst = grad_h[..., 0] - grad_rel
+        grad_src = grad_rel.new_zeros(x_src.shape).scatter_add_(0, source, grad_rel)
+        grad_b = grad_b if ctx.has_bias else None
+        if ctx.source_fn is None:
+            return grad_src, grad_dst, None, None, grad_w, grad_b, None, None
+        wanted = [t for t in inputs if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad((x_src, x_dst), wanted, (grad_src, grad_dst)))
+        grad_inputs = [next(grads) if t is not None and t.requires_grad else None for t in inputs]
+        return None, None, None, None, grad_w, grad_b, None, None, *grad_inputs
+
+
+def _replay(index, k, groups, source_fn, num_sources, *tensors):
+    sources, (weight, bias) = tensors[:num_sources], tensors[num_sources:]
+    if not torch.is_grad_enabled():  # the first pass, under the caller's no_grad: nothing to keep
+        x_src, x_dst = source_fn(*sources)
+        rel = x_src.index_select(0, index).view(-1, k, x_src.size(-1)).amax(dim=1).sub_(x_dst)
+        return grouped_linear(torch.stack([x_dst, rel], dim=-1).flatten(1), weight, bias, groups)
+    return _MaxRelativeLinear.apply(None, None, index, k, weight, bias, groups, source_fn, *sources)
 
 
 class MRConv(ViGConv):
@@ -59,14 +123,51 @@ class MRConv(ViGConv):
         super().reset_parameters()
         self.nn.reset_parameters()
 
-    def forward(self, x: Tensor | PairTensor, edge_index: Tensor, k: int | None = None) -> Tensor:
+    @property
+    def output_mlp(self) -> GroupedMLP:
+        return self.nn
+
+    def replayable(
+        self,
+        edge_index: Tensor,
+        k: int,
+        source_fn: Callable[..., PairTensor],
+        source_inputs: Sequence[Tensor],
+    ) -> tuple[Callable[..., Tensor], tuple[Tensor | None, ...]]:
+        """This conv as a pure function of tensors, for callers that rebuild its output in backward.
+
+        Returns ``(fn, tensors)`` such that ``fn(*tensors)`` equals
+        ``self(source_fn(*source_inputs), edge_index, k=k, pre_norm=True)``; ``tensors`` are
+        ``source_inputs`` followed by this conv's weights. ``source_fn`` maps ``source_inputs`` to the
+        pair ``(x_src, x_dst)`` and must not update any state (the Grapher passes its fc1 BatchNorm,
+        replayed, and pooling). Under autograd ``fn`` keeps only ``source_inputs`` and the positions of
+        the maxima for its own backward, and replays ``source_fn`` there.
+        """
+        if not 1 <= k <= 256:
+            raise ValueError(f"replayable() needs 1 <= k <= 256 (the max positions are bytes), got k={k}")
+        check_k_regular(edge_index, edge_index.size(1) // k, k)
+        lin = self.nn.lin
+        fn = functools.partial(_replay, edge_index[0], k, lin.groups, source_fn, len(source_inputs))
+        return fn, (*source_inputs, lin.weight, lin.bias)
+
+    def forward(
+        self, x: Tensor | PairTensor, edge_index: Tensor, k: int | None = None, pre_norm: bool = False
+    ) -> Tensor:
         x_src, x_dst = self._split(x, edge_index, k)
+        lin = self.nn.lin
+        fused = k is not None and k <= 256  # positions of the max fit in a byte
+        if fused and recompute_enabled(x_src, x_dst, lin.weight):
+            # Training: the interleaved (N, 2C) input of the linear layer is rebuilt in backward.
+            y = _MaxRelativeLinear.apply(
+                x_src, x_dst, edge_index[0], k, lin.weight, lin.bias, lin.groups, None
+            )
+            return y if pre_norm else self.nn.norm_act(y)
         if k is not None:
             rel = gather_max(x_src, edge_index, k) - x_dst  # (N, C)
         else:
             rel = self.propagate(edge_index, x=(x_src, x_dst))
         h = torch.stack([x_dst, rel], dim=-1).flatten(1)  # (N, 2C) as [x_0, m_0, x_1, m_1, ...]
-        return self.nn(h)
+        return self.nn(h, pre_norm=pre_norm)
 
     def message(self, x_i: Tensor, x_j: Tensor) -> Tensor:
         return x_j - x_i

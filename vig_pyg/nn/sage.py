@@ -59,13 +59,19 @@ class GraphSAGE(ViGConv):
         self.nn1.reset_parameters()
         self.nn2.reset_parameters()
 
-    def forward(self, x: Tensor | PairTensor, edge_index: Tensor, k: int | None = None) -> Tensor:
+    @property
+    def output_mlp(self) -> GroupedMLP:
+        return self.nn2
+
+    def forward(
+        self, x: Tensor | PairTensor, edge_index: Tensor, k: int | None = None, pre_norm: bool = False
+    ) -> Tensor:
         x_src, x_dst = self._split(x, edge_index, k)
         if k is not None:
             agg = self.nn1(gather_neighbors(x_src, edge_index, k)).amax(dim=1)  # (N, C)
         else:
             agg = self.propagate(edge_index, x=(x_src, x_dst))
-        return self.nn2(torch.cat([x_dst, agg], dim=-1))
+        return self.nn2(torch.cat([x_dst, agg], dim=-1), pre_norm=pre_norm)
 
     def message(self, x_j: Tensor) -> Tensor:
         return self.nn1(x_j)

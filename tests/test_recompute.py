@@ -1,0 +1,364 @@
+"""Training-memory paths: recomputation in backward gives the plain layers' results and keeps less."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import vig_pyg
+from vig_pyg.graph import knn_graph
+from vig_pyg.layers import FFN, ConvNorm, Grapher, Stem
+from vig_pyg.nn import MRConv
+from vig_pyg.nn.aggr import _first_argmax, gather_max
+from vig_pyg.nn.mlp import grouped_linear
+from vig_pyg.nn.recompute import (
+    batch_norm_once,
+    norm_act_conv,
+    norm_act_linear,
+    recompute_disabled,
+    recompute_enabled,
+)
+
+
+def saved_bytes(fn, exclude=()) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while ``fn()`` runs (params excluded)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+def assert_grads_close(a: nn.Module, b: nn.Module, rtol: float = 1e-4) -> None:
+    scale = max(p.grad.abs().max().item() for p in b.parameters() if p.grad is not None)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=rtol * scale, msg=name)
+
+
+def assert_buffers_equal(a: nn.Module, b: nn.Module) -> None:
+    for (name, x), y in zip(a.named_buffers(), b.buffers()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# -- the winners of a max ----------------------------------------------------------------------------
+
+
+def test_first_argmax_takes_the_first_of_ties() -> None:
+    torch.manual_seed(0)
+    gathered = torch.randint(0, 3, (50, 9, 7)).float()  # many ties
+    best = gathered.amax(1)
+    pos = _first_argmax(gathered, best)
+    assert pos.dtype == torch.uint8
+    brute = torch.stack([(gathered[:, :, c] == best[:, c : c + 1]).float().argmax(1) for c in range(7)], 1)
+    assert torch.equal(pos.long(), brute)
+
+
+def test_gather_max_gradient_goes_to_the_first_winner() -> None:
+    torch.manual_seed(0)
+    x = torch.randint(0, 4, (30, 6)).float().requires_grad_()  # ties between neighbours
+    edge_index = knn_graph(torch.randn(30, 3), k=5)
+    grad = torch.randn(30, 6)
+    gather_max(x, edge_index, 5).backward(grad)
+    # torch.max with indices over the neighbour axis (the official code's op) picks the first winner.
+    x2 = x.detach().clone().requires_grad_()
+    neighbours = x2[edge_index[0]].view(30, 5, 6)
+    best = neighbours.amax(1, keepdim=True)
+    first = (neighbours == best).float().argmax(1, keepdim=True)
+    neighbours.gather(1, first).squeeze(1).backward(grad)
+    torch.testing.assert_close(x.grad, x2.grad)
+    # Without ties it is amax's gradient.
+    y = torch.randn(30, 6, requires_grad=True)
+    y2 = y.detach().clone().requires_grad_()
+    gather_max(y, edge_index, 5).backward(grad)
+    y2[edge_index[0]].view(30, 5, 6).amax(1).backward(grad)
+    torch.testing.assert_close(y.grad, y2.grad)
+
+
+def test_gather_max_keeps_no_neighbour_tensor() -> None:
+    x = torch.randn(200, 32, requires_grad=True)
+    edge_index = knn_graph(x.detach(), k=9)
+    kept, _ = saved_bytes(lambda: gather_max(x, edge_index, 9))
+    assert kept <= edge_index.numel() * 8 + 200 * 32  # indices and one byte per output, not (N, k, C)
+
+
+# -- norm + act + linear/conv ------------------------------------------------------------------------
+
+
+def _plain_linear(y, norm, act, weight, bias, groups):
+    return grouped_linear(act(norm(y)), weight, bias, groups)
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+@pytest.mark.parametrize("act", [nn.GELU(), nn.ReLU(), nn.Identity()])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_norm_act_linear_equals_plain_layers(groups: int, act: nn.Module, momentum) -> None:
+    torch.manual_seed(0)
+    norm = nn.BatchNorm1d(16, momentum=momentum).train()
+    nn.init.uniform_(norm.weight, 0.5, 1.5)
+    nn.init.uniform_(norm.bias, -0.5, 0.5)
+    weight = torch.randn(12, 16 // groups, requires_grad=True)
+    bias = torch.randn(12, requires_grad=True)
+    y = torch.randn(40, 16, requires_grad=True)
+    norm2 = copy.deepcopy(norm)
+    w2, b2, y2 = (t.detach().clone().requires_grad_() for t in (weight, bias, y))
+    for _ in range(2):  # two steps: the running statistics must update exactly once per call
+        out = norm_act_linear(y, norm, act, weight, bias, groups)
+        ref = _plain_linear(y2, norm2, act, w2, b2, groups)
+        torch.testing.assert_close(out, ref)
+        grad = torch.randn_like(out)
+        out.backward(grad)
+        ref.backward(grad)
+    for a, b in [(y, y2), (weight, w2), (bias, b2), (norm.weight, norm2.weight), (norm.bias, norm2.bias)]:
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+    assert_buffers_equal(norm, norm2)
+    assert norm.num_batches_tracked.item() == 2
+
+
+def test_norm_act_linear_with_frozen_norm() -> None:
+    # Fine-tuning with BatchNorm in eval mode: running statistics are used and stay untouched.
+    torch.manual_seed(0)
+    norm = nn.BatchNorm1d(8)
+    norm.running_mean.uniform_(-1, 1)
+    norm.running_var.uniform_(0.5, 2)
+    norm.eval()
+    before = copy.deepcopy(norm.state_dict())
+    weight = torch.randn(4, 8, requires_grad=True)
+    y = torch.randn(10, 8, requires_grad=True)
+    y2, w2 = y.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    out = norm_act_linear(y, norm, nn.GELU(), weight, None)
+    ref = F.linear(F.gelu(norm(y2)), w2)
+    torch.testing.assert_close(out, ref)
+    out.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(y.grad, y2.grad)
+    torch.testing.assert_close(weight.grad, w2.grad)
+    for key, value in norm.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_norm_act_linear_keeps_only_its_input() -> None:
+    norm, act = nn.BatchNorm1d(64), nn.GELU()
+    weight = nn.Parameter(torch.randn(32, 64))
+    y = torch.randn(500, 64, requires_grad=True)
+    params = [weight, norm.weight, norm.bias]
+    fused, _ = saved_bytes(lambda: norm_act_linear(y, norm, act, weight, None), exclude=params)
+    plain, _ = saved_bytes(lambda: F.linear(act(norm(y)), weight), exclude=params)
+    assert fused <= y.numel() * 4 + 1024
+    assert plain >= 3 * y.numel() * 4
+
+
+def test_norm_act_linear_replays_its_producer() -> None:
+    torch.manual_seed(0)
+    norm = nn.BatchNorm1d(6)
+    a = torch.randn(20, 6, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    weight = torch.randn(3, 6, requires_grad=True)
+
+    def producer(a, b):
+        return a * b + a.square()
+
+    a2, b2, w2 = (t.detach().clone().requires_grad_() for t in (a, b, weight))
+    norm2 = copy.deepcopy(norm)
+    out = norm_act_linear(None, norm, nn.GELU(), weight, None, recompute_from=(producer, (a, b)))
+    ref = F.linear(F.gelu(norm2(producer(a2, b2))), w2)
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref.backward(grad)
+    for x, y in [(a, a2), (b, b2), (weight, w2), (norm.weight, norm2.weight)]:
+        torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-5)
+    assert_buffers_equal(norm, norm2)
+
+
+def test_norm_act_linear_bad_arguments() -> None:
+    norm, w = nn.BatchNorm1d(4), torch.randn(2, 4)
+    with pytest.raises(ValueError, match="either y or recompute_from"):
+        norm_act_linear(None, norm, nn.GELU(), w, None)
+    with pytest.raises(ValueError, match="either y or recompute_from"):
+        norm_act_linear(torch.randn(3, 4), norm, nn.GELU(), w, None, recompute_from=(lambda: None, ()))
+    with pytest.raises(ValueError, match="rows, channels"):
+        norm_act_linear(torch.randn(2, 4, 1, 1), norm, nn.GELU(), w, None)
+    with pytest.raises(ValueError, match="groups=1"):
+        norm_act_conv(torch.randn(1, 4, 5, 5), nn.BatchNorm2d(4), nn.GELU(), nn.Conv2d(4, 4, 3, groups=2))
+
+
+def test_norm_act_conv_equals_plain_layers() -> None:
+    torch.manual_seed(0)
+    norm, conv = nn.BatchNorm2d(6), nn.Conv2d(6, 10, 3, stride=2, padding=1)
+    y = torch.randn(2, 6, 9, 9, requires_grad=True)
+    norm2, conv2 = copy.deepcopy(norm), copy.deepcopy(conv)
+    y2 = y.detach().clone().requires_grad_()
+    out = norm_act_conv(y, norm, nn.GELU(), conv)
+    ref = conv2(F.gelu(norm2(y2)))
+    torch.testing.assert_close(out, ref)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    torch.testing.assert_close(y.grad, y2.grad, rtol=1e-5, atol=1e-5)
+    for p, q in zip([*norm.parameters(), *conv.parameters()], [*norm2.parameters(), *conv2.parameters()]):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-4)
+    assert_buffers_equal(norm, norm2)
+
+
+def test_batch_norm_once_updates_once_and_replays() -> None:
+    norm = nn.BatchNorm1d(5)
+    norm2 = copy.deepcopy(norm)
+    y = torch.randn(30, 5)
+    z, replay = batch_norm_once(norm, y)
+    torch.testing.assert_close(z, norm2(y))
+    assert_buffers_equal(norm, norm2)
+    before = copy.deepcopy(norm.state_dict())
+    torch.testing.assert_close(replay(y, norm.weight, norm.bias), z)
+    for key, value in norm.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_recompute_is_off_without_autograd_and_when_disabled() -> None:
+    x = torch.randn(3, requires_grad=True)
+    assert recompute_enabled(x)
+    assert not recompute_enabled(x.detach())
+    with torch.no_grad():
+        assert not recompute_enabled(x)
+    with recompute_disabled():
+        assert not recompute_enabled(x)
+    assert recompute_enabled(x)
+
+
+# -- MRConv ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bipartite", [False, True])
+def test_mr_training_path_equals_plain(bipartite: bool) -> None:
+    torch.manual_seed(0)
+    conv = MRConv(8, 16).train()
+    conv2 = copy.deepcopy(conv)
+    x = torch.randn(40, 8, requires_grad=True)
+    if bipartite:
+        keys = torch.randn(15, 8, requires_grad=True)
+        edge_index = knn_graph(x.detach(), 4, y=keys.detach())
+        inputs, inputs2 = (keys, x), tuple(t.detach().clone().requires_grad_() for t in (keys, x))
+    else:
+        edge_index = knn_graph(x.detach(), 4)
+        inputs, inputs2 = x, x.detach().clone().requires_grad_()
+    out = conv(inputs, edge_index, k=4)
+    with recompute_disabled():
+        ref = conv2(inputs2, edge_index, k=4)
+    torch.testing.assert_close(out, ref)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref.backward(grad)
+    for a, b in zip(inputs if bipartite else (inputs,), inputs2 if bipartite else (inputs2,)):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+    assert_grads_close(conv, conv2)
+
+
+def test_mr_replayable_equals_pre_norm_forward() -> None:
+    torch.manual_seed(0)
+    conv = MRConv(8, 16).train()
+    conv2 = copy.deepcopy(conv)
+    pre = torch.randn(30, 8, requires_grad=True)
+    scale = torch.rand(8, requires_grad=True)
+    pre2, scale2 = pre.detach().clone().requires_grad_(), scale.detach().clone().requires_grad_()
+    edge_index = knn_graph(pre.detach() * scale.detach(), 5)
+
+    def sources(p, s):
+        z = p * s
+        return z, z
+
+    fn, tensors = conv.replayable(edge_index, 5, sources, (pre, scale))
+    out = fn(*tensors)
+    ref = conv2(pre2 * scale2, edge_index, k=5, pre_norm=True)
+    torch.testing.assert_close(out, ref)
+    out.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(pre.grad, pre2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scale.grad, scale2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(conv.nn.lin.weight.grad, conv2.nn.lin.weight.grad, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="k <= 256"):
+        conv.replayable(edge_index, 300, sources, (pre, scale))
+
+
+# -- blocks and models -------------------------------------------------------------------------------
+
+
+def _train_both(module: nn.Module, x: torch.Tensor, rtol: float = 1e-4):
+    torch.manual_seed(0)
+    module2 = copy.deepcopy(module)
+    module.train()
+    module2.train()
+    x2 = x.detach().clone().requires_grad_(x.requires_grad)
+    kept, out = saved_bytes(lambda: module(x), exclude=list(module.parameters()))
+    with recompute_disabled():
+        kept_plain, ref = saved_bytes(lambda: module2(x2), exclude=list(module2.parameters()))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    ref.backward(grad)
+    assert_grads_close(module, module2, rtol)
+    assert_buffers_equal(module, module2)
+    if x.requires_grad:
+        torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-4)
+    return kept, kept_plain
+
+
+def _map(b, c, h, w):
+    x = torch.randn(b, c, h, w).contiguous(memory_format=torch.channels_last)
+    return x.requires_grad_()
+
+
+@pytest.mark.parametrize("conv", ["mr", "edge", "gin", "sage", "gat"])
+@pytest.mark.parametrize("reduce_ratio", [1, 2])
+def test_grapher_training_equals_plain(conv: str, reduce_ratio: int) -> None:
+    grapher = Grapher(16, k=4, conv=conv, reduce_ratio=reduce_ratio, relative_pos=True, grid_size=(6, 6))
+    kept, kept_plain = _train_both(grapher, _map(2, 16, 6, 6))
+    if conv == "mr":  # only fc1's input and linear output and fc2's linear output: 3C of the plain 12C+
+        assert kept <= 0.35 * kept_plain
+    elif conv in ("gin", "sage"):
+        assert kept < kept_plain
+
+
+def test_ffn_and_stem_training_equal_plain() -> None:
+    kept, kept_plain = _train_both(FFN(16, 64), _map(2, 16, 5, 5))
+    assert kept <= 0.5 * kept_plain  # input, hidden before its norm, output: 6C of the plain 14C
+    stem = Stem(3, (8, 16, 16), (2, 2, 1))
+    kept, kept_plain = _train_both(stem, torch.randn(2, 3, 32, 32))
+    assert kept < 0.6 * kept_plain
+
+
+@pytest.mark.parametrize("name", ["pvig_test", "vig_test"])
+def test_model_training_equals_plain_and_keeps_under_half(name: str) -> None:
+    torch.manual_seed(0)
+    model = vig_pyg.create_model(name, num_classes=10, drop_path_rate=0.0)
+    size = model.img_size
+    # Through a whole network float rounding differs by up to ~3e-4 of the largest gradient (sums over
+    # every pixel that cancel); a wrong gradient path would be off by its own size.
+    kept, kept_plain = _train_both(model, torch.randn(2, 3, *size), rtol=1e-3)
+    assert kept <= 0.45 * kept_plain
+
+
+def test_trunk_is_channels_last_and_pointwise_layers_match_conv() -> None:
+    model = vig_pyg.create_model("pvig_test").eval()
+    maps = model.forward_intermediates(torch.randn(1, 3, 96, 96), intermediates_only=True)
+    assert all(m.is_contiguous(memory_format=torch.channels_last) for m in maps)
+    layer = ConvNorm(8, 12)
+    nn.init.uniform_(layer.norm.running_var, 0.5, 2)
+    x = torch.randn(2, 8, 5, 5)  # any layout works
+    for mode in ("train", "eval"):
+        getattr(layer, mode)()
+        ref = layer.norm(layer.conv(x)) if mode == "train" else None
+        if mode == "eval":
+            with torch.no_grad():
+                ref = layer.norm(layer.conv(x))
+        torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)

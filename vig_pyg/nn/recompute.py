@@ -1,0 +1,270 @@
+"""Training memory: BatchNorm and activation outputs recomputed in backward instead of kept.
+
+In a training step most of a ViG block's activation memory is not the output of its linear layers but
+of the cheap element-wise work between them: a BatchNorm keeps its input, the activation keeps the
+BatchNorm's output, and the next linear layer keeps the activation's output, three tensors of the same
+size for ``norm -> act -> linear``. :func:`norm_act_linear` keeps only the first and recomputes the other
+two in backward (one BatchNorm and one activation pass, far cheaper than the linear layer, which is not
+recomputed: its weight gradient uses the recomputed input). The FFN and the Grapher use it by default in
+training; results are those of the plain layers (same kernels, same running-statistics update).
+
+``torch.compile`` and ``torch.export`` get the plain layers: the compiler's partitioner makes the same
+trade on its own.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from vig_pyg.nn.mlp import grouped_linear, grouped_linear_backward
+
+__all__ = [
+    "batch_norm_once",
+    "can_recompute",
+    "norm_act_conv",
+    "norm_act_linear",
+    "recompute_disabled",
+    "recompute_enabled",
+]
+
+_enabled = True
+
+
+@contextmanager
+def recompute_disabled() -> Iterator[None]:
+    """Run the plain layers (every intermediate kept for backward) inside this block, e.g. to compare."""
+    global _enabled
+    previous, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+def recompute_enabled(*tensors: Tensor) -> bool:
+    """Whether to trade memory for recomputation here: autograd records through one of ``tensors``,
+    in eager mode (not compiling, exporting or FX tracing), and no :func:`recompute_disabled` block is
+    active."""
+    return (
+        _enabled
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and not torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+        and any(t.requires_grad for t in tensors)
+    )
+
+
+def can_recompute(x: Tensor, norm: nn.Module, act: nn.Module) -> bool:
+    """Whether :func:`norm_act_linear` / :func:`norm_act_conv` apply: :func:`recompute_enabled`, a
+    BatchNorm, and an activation without parameters (a PReLU's slope would need its own gradient path)."""
+    return (
+        recompute_enabled(x)
+        and isinstance(norm, nn.modules.batchnorm._BatchNorm)
+        and next(act.parameters(), None) is None
+    )
+
+
+def _momentum(norm: nn.modules.batchnorm._BatchNorm) -> float:
+    # The running-average factor nn.BatchNorm uses for this call (and its batch counter update).
+    if not (norm.training and norm.track_running_stats):
+        return 0.0
+    if norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+    return 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+
+
+def batch_norm_once(
+    norm: nn.modules.batchnorm._BatchNorm, y: Tensor
+) -> tuple[Tensor, Callable[[Tensor, Tensor | None, Tensor | None], Tensor]]:
+    """``norm(y)`` computed without autograd, and a function that replays it with autograd.
+
+    The running statistics update here exactly as ``norm(y)`` would update them; the replay
+    ``replay(y, norm.weight, norm.bias)`` gives the same output with gradients (batch statistics in
+    training, the current running statistics in eval) and updates nothing. For callers that rebuild
+    ``norm(y)`` in backward instead of keeping it (the Grapher's fc1 norm before MRConv).
+    """
+    batch_stats = norm.training or not norm.track_running_stats
+    use_running = not norm.training or norm.track_running_stats
+    momentum = _momentum(norm)
+    with torch.no_grad():
+        z = F.batch_norm(
+            y,
+            norm.running_mean if use_running else None,
+            norm.running_var if use_running else None,
+            norm.weight,
+            norm.bias,
+            batch_stats,
+            momentum,
+            norm.eps,
+        )
+    stats = None if batch_stats else (norm.running_mean.clone(), norm.running_var.clone())
+    return z, functools.partial(_replay_batch_norm, stats=stats, eps=norm.eps)
+
+
+def _replay_batch_norm(y, weight, bias, stats, eps):
+    mean, var = stats if stats is not None else (None, None)
+    return F.batch_norm(y, mean, var, weight, bias, stats is None, 0.0, eps)
+
+
+class _GroupedLinear:
+    """The layer after norm + act: a grouped linear map on ``(rows, C)``."""
+
+    def __init__(self, groups: int) -> None:
+        self.groups = groups
+
+    def forward(self, g: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return grouped_linear(g, weight, bias, self.groups)
+
+    def backward(self, grad_out: Tensor, g: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return grouped_linear_backward(grad_out, g, weight, self.groups)
+
+
+class _Conv2d:
+    """The layer after norm + act: a 2-D convolution on ``(B, C, H, W)``."""
+
+    def __init__(self, stride: tuple[int, int], padding: tuple[int, int]) -> None:
+        self.stride, self.padding = list(stride), list(padding)
+
+    def forward(self, g: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.conv2d(g, weight, bias, self.stride, self.padding)
+
+    def backward(self, grad_out: Tensor, g: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        grad_g, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad_out,
+            g,
+            weight,
+            [weight.size(0)],
+            self.stride,
+            self.padding,
+            [1, 1],
+            False,
+            [0, 0],
+            1,
+            [True, True, True],
+        )
+        return grad_g, grad_w, grad_b
+
+
+class _NormActLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        y,
+        norm_weight,
+        norm_bias,
+        weight,
+        bias,
+        norm,
+        act,
+        layer,
+        batch_stats,
+        momentum,
+        producer,
+        *made_from,
+    ) -> Tensor:
+        if producer is not None:
+            y = producer(*made_from)
+        use_running = not norm.training or norm.track_running_stats
+        z = F.batch_norm(
+            y,
+            norm.running_mean if use_running else None,
+            norm.running_var if use_running else None,
+            norm_weight,
+            norm_bias,
+            batch_stats,
+            momentum,
+            norm.eps,
+        )
+        out = layer.forward(act(z), weight, bias)
+        kept = made_from if producer is not None else (y,)
+        ctx.save_for_backward(norm_weight, norm_bias, weight, *kept)
+        # Eval-mode statistics are needed again in backward; batch statistics are recomputed from y.
+        ctx.stats = None if batch_stats else (norm.running_mean.clone(), norm.running_var.clone())
+        ctx.act, ctx.layer, ctx.eps, ctx.has_bias = act, layer, norm.eps, bias is not None
+        ctx.producer = producer
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        norm_weight, norm_bias, weight, *kept = ctx.saved_tensors
+        kept_inputs = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in kept]
+        if ctx.producer is None:
+            kept_inputs[0].requires_grad_()
+        params = [t.detach().requires_grad_() if t is not None else None for t in (norm_weight, norm_bias)]
+        mean, var = ctx.stats if ctx.stats is not None else (None, None)
+        with torch.enable_grad():
+            y = ctx.producer(*kept_inputs) if ctx.producer is not None else kept_inputs[0]
+            z = F.batch_norm(y, mean, var, params[0], params[1], ctx.stats is None, 0.0, ctx.eps)
+            g = ctx.act(z)
+        grad_g, grad_w, grad_b = ctx.layer.backward(grad_out, g.detach(), weight)
+        inputs = kept_inputs + params
+        wanted = [t for t in inputs if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(g, wanted, grad_g, allow_unused=True))
+        grad_kept = [next(grads) if t is not None and t.requires_grad else None for t in kept_inputs]
+        grad_nw, grad_nb = (next(grads) if t is not None else None for t in params)
+        grad_b = grad_b if ctx.has_bias else None
+        grad_y, grad_made_from = (None, grad_kept) if ctx.producer is not None else (grad_kept[0], [])
+        return grad_y, grad_nw, grad_nb, grad_w, grad_b, None, None, None, None, None, None, *grad_made_from
+
+
+def _norm_act_layer(y, norm, act, weight, bias, layer, recompute_from) -> Tensor:
+    batch_stats = norm.training or not norm.track_running_stats
+    momentum = _momentum(norm)
+    producer, made_from = recompute_from if recompute_from is not None else (None, ())
+    return _NormActLayer.apply(
+        y, norm.weight, norm.bias, weight, bias, norm, act, layer, batch_stats, momentum, producer, *made_from
+    )
+
+
+def norm_act_linear(
+    y: Tensor | None,
+    norm: nn.modules.batchnorm._BatchNorm,
+    act: nn.Module,
+    weight: Tensor,
+    bias: Tensor | None,
+    groups: int = 1,
+    recompute_from: tuple[Callable[..., Tensor], Sequence[Tensor | None]] | None = None,
+) -> Tensor:
+    """``linear(act(norm(y)))`` keeping only ``y`` for backward (see the module docstring).
+
+    With ``recompute_from=(fn, tensors)`` and ``y=None``, ``y`` is ``fn(*tensors)`` and is not kept
+    either: backward replays ``fn`` (which must be a pure function of ``tensors``: every tensor that needs
+    a gradient, weights included, passed in, and no running statistics updated). The Grapher rebuilds
+    MRConv's output this way (:meth:`vig_pyg.nn.MRConv.replayable`).
+
+    Args:
+        y: ``(rows, C)`` pre-norm features (channels last).
+        norm: the BatchNorm (any ``nn.BatchNorm*d``; its running statistics update as its own forward
+            would).
+        act: an activation without parameters.
+        weight, bias: the linear layer, ``(Cout, C / groups)`` and ``(Cout,)``.
+        groups: channel groups of the linear layer (see :func:`vig_pyg.nn.mlp.grouped_linear`).
+
+    Returns:
+        ``(rows, Cout)``.
+    """
+    if (y is None) == (recompute_from is None):
+        raise ValueError("norm_act_linear takes either y or recompute_from=(fn, tensors), not both")
+    if y is not None and y.dim() != 2:
+        raise ValueError(f"norm_act_linear takes (rows, channels) features, got shape {tuple(y.shape)}")
+    return _norm_act_layer(y, norm, act, weight, bias, _GroupedLinear(groups), recompute_from)
+
+
+def norm_act_conv(
+    y: Tensor, norm: nn.modules.batchnorm._BatchNorm, act: nn.Module, conv: nn.Conv2d
+) -> Tensor:
+    """``conv(act(norm(y)))`` keeping only ``y`` for backward: :func:`norm_act_linear` for a
+    ``(B, C, H, W)`` map and an ``nn.Conv2d`` (no groups or dilation, zero padding), e.g. in the stem."""
+    if y.dim() != 4:
+        raise ValueError(f"norm_act_conv takes (B, C, H, W) maps, got shape {tuple(y.shape)}")
+    if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or conv.bias is None:
+        raise ValueError("norm_act_conv supports plain convolutions with a bias: groups=1, dilation=1, zeros")
+    return _norm_act_layer(y, norm, act, conv.weight, conv.bias, _Conv2d(conv.stride, conv.padding), None)
