@@ -63,6 +63,35 @@ def median_time(fn: Callable[[], object], warmup: int = 2, repeats: int = 7, syn
     return statistics.median(times)
 
 
+def paired_times(
+    fns: dict[str, Callable[[], object]], warmup: int = 2, repeats: int = 7, sync: bool = False
+) -> dict[str, list[float]]:
+    """Seconds of ``repeats`` calls of every function, taken in turn (A, B, A, B, ...) after warm-up.
+
+    On a shared machine the speed drifts over seconds; interleaving puts every pair of calls under the
+    same conditions, so the ratio of a pair is far steadier than the ratio of two separate medians.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if sync:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if sync:
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def paired_speedup(base: list[float], new: list[float]) -> float:
+    """Median over rounds of ``base / new``: how many times faster ``new`` ran beside ``base``."""
+    return statistics.median(b / n for b, n in zip(base, new))
+
+
 def write_csv(path: Path, rows: list[dict[str, object]]) -> None:
     """Write rows (same keys) to ``path``, creating the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)

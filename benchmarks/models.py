@@ -5,21 +5,24 @@
 
 For each variant both implementations get the same weights (converted from the reference's official
 layout); each is timed for the eval forward (and with ``--train`` a training step: forward, backward,
-AdamW step) with warm-up and the median of several runs. Peak memory: on CPU (Linux) measured in a fresh
-process per model, as the growth of the resident-set high-water mark over one call; on CUDA the allocator's
-peak above what was allocated before the call.
+AdamW step) with warm-up, the two implementations called in turn, and the speed-up taken as the
+median of the per-round ratios. Peak memory (``*_peak_mb``): on CPU (Linux) measured in a fresh process
+per model as the peak growth of the bytes the allocator holds for the program over one call (with the
+resident-set growth beside it, ``*_rss_mb``; see :func:`peak_memory_mb`); on CUDA the allocator's peak
+above what was allocated before the call.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS, environment, median_time, write_csv
+from benchmarks.common import RESULTS, environment, paired_speedup, paired_times, write_csv
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from dense_reference import REFERENCE_VARIANTS, build_reference
@@ -37,7 +40,7 @@ DEFAULT_MODELS = [
 
 
 _MEMORY_SNIPPET = """
-import re, sys, torch
+import ctypes, re, sys, threading, time, torch
 from pathlib import Path
 sys.path.insert(0, {root!r})
 from benchmarks.models import make_pair
@@ -49,9 +52,25 @@ del ref, ours
 x = torch.randn(batch, 3, size, size)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4) if train else None
 target = torch.randint(1000, (batch,))
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_size_t) for f in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+def in_use():
+    info = libc.mallinfo2()
+    return (info.uordblks + info.hblkhd) / 2**20
 def rss(field):
     return int(re.search(field + r":\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
-base = rss("VmRSS")
+samples, done = [], threading.Event()
+def sample():
+    while not done.is_set():
+        samples.append(in_use())
+        time.sleep(0.0002)
+base_rss, base_in_use = rss("VmRSS"), in_use()
+sampler = threading.Thread(target=sample)
+sampler.start()
 if train:
     model.train()
     loss = torch.nn.functional.cross_entropy(model(x), target)
@@ -61,31 +80,38 @@ else:
     model.eval()
     with torch.no_grad():
         model(x)
-print(rss("VmHWM") - base)
+done.set()
+sampler.join()
+print(max(samples) - base_in_use, rss("VmHWM") - base_rss)
 """
 
 
-def peak_memory_mb(name: str, impl: str, size: int, batch: int, train: bool) -> float:
-    """Peak working memory of one call (CPU), measured in a fresh process.
+def peak_memory_mb(name: str, impl: str, size: int, batch: int, train: bool) -> tuple[float, float]:
+    """Peak working memory of one call (CPU), measured in a fresh process: ``(in_use, rss)``.
 
-    The growth of the resident-set high-water mark over the first call, after the model, input and
-    optimizer exist: a fresh process has no freed heap to reuse, so this is what the call needs at its
-    peak (the optimizer's state, created in the first step, is included for training).
+    ``in_use``: the peak growth of the bytes glibc's allocator has handed out and not taken back
+    (``mallinfo2``, sampled every 0.2 ms), the CPU counterpart of CUDA's ``max_memory_allocated``.
+    ``rss``: the growth of the resident-set high-water mark. The two differ because glibc keeps freed
+    heap memory instead of returning it to the OS, and fresh allocations in backward do not always fit
+    the freed holes; the RSS therefore depends on the allocator's heuristics as much as on the model
+    (``MALLOC_MMAP_THRESHOLD_=4194304`` brings it close to ``in_use``). Both count everything the call
+    allocates: activations, gradients and, for training, the optimizer state created in the first step.
     """
     root = str(Path(__file__).resolve().parents[1])
     code = _MEMORY_SNIPPET.format(root=root, args=(name, impl, size, batch, train))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    in_use, rss = out.stdout.strip().splitlines()[-1].split()
+    return float(in_use), float(rss)
 
 
-def cuda_peak_memory_mb(fn) -> float:
-    """Peak CUDA memory one call allocates above what was allocated before it."""
+def cuda_peak_memory_mb(fn) -> tuple[float, float]:
+    """Peak CUDA memory one call allocates above what was allocated before it (no RSS: NaN)."""
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     fn()
     torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return (torch.cuda.max_memory_allocated() - base) / 2**20, float("nan")
 
 
 def make_pair(name: str, device: torch.device, size: int = 224):
@@ -99,62 +125,76 @@ def make_pair(name: str, device: torch.device, size: int = 224):
 def bench_model(name: str, batch: int, size: int, train: bool, quick: bool, device, dtype) -> list[dict]:
     ref, ours = make_pair(name, device, size)
     x = torch.randn(batch, 3, size, size, device=device)
-    rows = []
-    repeats = 3 if quick else 7
+    target = torch.randint(1000, (batch,), device=device)
+    repeats = 3 if quick else 9
     sync = device.type == "cuda"
     impls = {"dense_reference": ref, "vig_pyg": ours}
-    results: dict[str, dict[str, float]] = {}
-    for impl, model in impls.items():
-        model.eval()
+    autocast = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-        def forward(model=model):
-            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+    def forward_fn(model):
+        def forward():
+            with torch.no_grad(), torch.autocast(**autocast):
                 return model(x)
 
-        t = median_time(forward, warmup=2, repeats=repeats, sync=sync)
-        mem = (
-            peak_memory_mb(name, impl, size, batch, False)
-            if device.type == "cpu"
-            else cuda_peak_memory_mb(forward)
-        )
-        results[impl] = {"eval_s": t, "eval_mem": mem}
-        if train:
+        return forward
+
+    def step_fn(model):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(**autocast):
+                loss = torch.nn.functional.cross_entropy(model(x), target)
+            loss.backward()
+            opt.step()
+
+        return step
+
+    for model in impls.values():
+        model.eval()
+    forwards = {impl: forward_fn(model) for impl, model in impls.items()}
+    eval_times = paired_times(forwards, warmup=2, repeats=repeats, sync=sync)
+    eval_mem = {
+        impl: peak_memory_mb(name, impl, size, batch, False)
+        if device.type == "cpu"
+        else cuda_peak_memory_mb(forwards[impl])
+        for impl in impls
+    }
+    if train:
+        for model in impls.values():
             model.train()
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            target = torch.randint(1000, (batch,), device=device)
-
-            def step(model=model, opt=opt, target=target):
-                opt.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    loss = torch.nn.functional.cross_entropy(model(x), target)
-                loss.backward()
-                opt.step()
-
-            results[impl]["train_s"] = median_time(step, warmup=1, repeats=max(3, repeats // 2), sync=sync)
-            results[impl]["train_mem"] = (
-                peak_memory_mb(name, impl, size, batch, True)
-                if device.type == "cpu"
-                else cuda_peak_memory_mb(step)
-            )
-    base = results.get("dense_reference")
-    for impl, r in results.items():
+        steps = {impl: step_fn(model) for impl, model in impls.items()}
+        train_times = paired_times(steps, warmup=1, repeats=max(3, repeats // 2), sync=sync)
+        train_mem = {
+            impl: peak_memory_mb(name, impl, size, batch, True)
+            if device.type == "cpu"
+            else cuda_peak_memory_mb(steps[impl])
+            for impl in impls
+        }
+    rows = []
+    for impl in impls:
         row = {
             "model": name,
             "impl": impl,
             "batch": batch,
             "size": size,
             "dtype": str(dtype).replace("torch.", ""),
-            "eval_img_per_s": round(batch / r["eval_s"], 2),
-            "eval_peak_mb": round(r["eval_mem"], 1),
-            "eval_speedup": round(base["eval_s"] / r["eval_s"], 2) if base else "",
+            "eval_img_per_s": round(batch / statistics.median(eval_times[impl]), 2),
+            "eval_peak_mb": round(eval_mem[impl][0], 1),
+            "eval_rss_mb": round(eval_mem[impl][1], 1),
+            "eval_speedup": round(paired_speedup(eval_times["dense_reference"], eval_times[impl]), 2),
         }
         if train:
             row.update(
                 {
-                    "train_img_per_s": round(batch / r["train_s"], 2),
-                    "train_peak_mb": round(r["train_mem"], 1),
-                    "train_speedup": round(base["train_s"] / r["train_s"], 2) if base else "",
-                    "train_mem_ratio": round(r["train_mem"] / base["train_mem"], 2) if base else "",
+                    "train_img_per_s": round(batch / statistics.median(train_times[impl]), 2),
+                    "train_peak_mb": round(train_mem[impl][0], 1),
+                    "train_rss_mb": round(train_mem[impl][1], 1),
+                    "train_speedup": round(
+                        paired_speedup(train_times["dense_reference"], train_times[impl]), 2
+                    ),
+                    "train_mem_ratio": round(train_mem[impl][0] / train_mem["dense_reference"][0], 2),
+                    "train_rss_ratio": round(train_mem[impl][1] / train_mem["dense_reference"][1], 2),
                 }
             )
         rows.append(row)
