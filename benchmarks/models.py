@@ -18,6 +18,7 @@ import argparse
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -25,9 +26,10 @@ import torch
 from benchmarks.common import RESULTS, environment, paired_speedup, paired_times, write_csv
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from dense_reference import REFERENCE_VARIANTS, build_reference
+from dense_reference import REFERENCE_VARIANTS, DenseDilatedKnnGraph, build_reference
 
 import vig_pyg
+from vig_pyg.graph.dynamic import GridKNNGraph
 from vig_pyg.models import convert_official
 
 DEFAULT_MODELS = [
@@ -114,6 +116,37 @@ def cuda_peak_memory_mb(fn) -> tuple[float, float]:
     return (torch.cuda.max_memory_allocated() - base) / 2**20, float("nan")
 
 
+def knn_share(model: torch.nn.Module, forward, repeats: int = 3) -> float:
+    """Share of the eval forward's time spent building kNN graphs (median of ``repeats`` calls).
+
+    Timed with hooks around every kNN module (vig_pyg's ``GridKNNGraph``, the reference's
+    ``DenseDilatedKnnGraph``); on CUDA the times are meaningless without syncs, so this is for CPU.
+    """
+    modules = [m for m in model.modules() if type(m) in (GridKNNGraph, DenseDilatedKnnGraph)]
+    spent, starts = [0.0], []
+
+    def start(*_):
+        starts.append(time.perf_counter())
+
+    def stop(*_):
+        spent[0] += time.perf_counter() - starts.pop()
+
+    handles = [
+        h for m in modules for h in (m.register_forward_pre_hook(start), m.register_forward_hook(stop))
+    ]
+    shares = []
+    try:
+        for _ in range(repeats):
+            spent[0] = 0.0
+            t0 = time.perf_counter()
+            forward()
+            shares.append(spent[0] / (time.perf_counter() - t0))
+    finally:
+        for h in handles:
+            h.remove()
+    return statistics.median(shares)
+
+
 def make_pair(name: str, device: torch.device, size: int = 224):
     # Both built for the input size: the reference as if the official code had been written for it.
     ref = build_reference(**REFERENCE_VARIANTS[name], img_size=size).to(device)
@@ -154,6 +187,7 @@ def bench_model(name: str, batch: int, size: int, train: bool, quick: bool, devi
         model.eval()
     forwards = {impl: forward_fn(model) for impl, model in impls.items()}
     eval_times = paired_times(forwards, warmup=2, repeats=repeats, sync=sync)
+    shares = {impl: knn_share(model, forwards[impl]) for impl, model in impls.items()} if not sync else {}
     eval_mem = {
         impl: peak_memory_mb(name, impl, size, batch, False)
         if device.type == "cpu"
@@ -183,6 +217,7 @@ def bench_model(name: str, batch: int, size: int, train: bool, quick: bool, devi
             "eval_peak_mb": round(eval_mem[impl][0], 1),
             "eval_rss_mb": round(eval_mem[impl][1], 1),
             "eval_speedup": round(paired_speedup(eval_times["dense_reference"], eval_times[impl]), 2),
+            "eval_knn_share": round(shares[impl], 3) if shares else "",
         }
         if train:
             row.update(
