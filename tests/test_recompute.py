@@ -362,3 +362,22 @@ def test_trunk_is_channels_last_and_pointwise_layers_match_conv() -> None:
             with torch.no_grad():
                 ref = layer.norm(layer.conv(x))
         torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_training_under_bf16_autocast_equals_plain() -> None:
+    # Backward runs outside the forward's autocast: the recomputation must re-enter it and the linear
+    # layers' gradients come back in bfloat16 precision and float32 dtype, as autograd's own would.
+    torch.manual_seed(0)
+    model = vig_pyg.create_model("pvig_test", num_classes=10).train()
+    model2 = copy.deepcopy(model)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+        with recompute_disabled():
+            ref = model2(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref)
+    out.float().square().sum().backward()
+    ref.float().square().sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
+    assert_grads_close(model, model2, 1e-3)

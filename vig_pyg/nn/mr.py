@@ -11,8 +11,14 @@ from torch.autograd.function import once_differentiable
 
 from vig_pyg.nn.aggr import _first_argmax, check_k_regular, gather_max
 from vig_pyg.nn.base import PairTensor, ViGConv
-from vig_pyg.nn.mlp import GroupedMLP, grouped_linear, grouped_linear_backward
-from vig_pyg.nn.recompute import recompute_enabled
+from vig_pyg.nn.mlp import GroupedMLP, grouped_linear
+from vig_pyg.nn.recompute import (
+    _GroupedLinear,
+    autocast_like,
+    autocast_state,
+    layer_backward,
+    recompute_enabled,
+)
 
 __all__ = ["MRConv"]
 
@@ -38,7 +44,9 @@ class _MaxRelativeLinear(torch.autograd.Function):
         kept = source_inputs if source_fn is not None else (x_src, x_dst)
         ctx.save_for_backward(index, pos, weight, *kept)
         ctx.k, ctx.groups, ctx.has_bias, ctx.source_fn = k, groups, bias is not None, source_fn
-        return grouped_linear(h, weight, bias, groups)
+        out = grouped_linear(h, weight, bias, groups)
+        ctx.autocast, ctx.dtype = autocast_state(weight), out.dtype
+        return out
 
     @staticmethod
     @once_differentiable
@@ -46,14 +54,14 @@ class _MaxRelativeLinear(torch.autograd.Function):
         index, pos, weight, *kept = ctx.saved_tensors
         if ctx.source_fn is not None:
             inputs = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in kept]
-            with torch.enable_grad():
+            with torch.enable_grad(), autocast_like(ctx.autocast):
                 x_src, x_dst = ctx.source_fn(*inputs)
         else:
             x_src, x_dst = kept
         source = index.view(-1, ctx.k).gather(1, pos.long())  # (N, C) source node of every max
         rel = x_src.detach().gather(0, source).sub_(x_dst.detach())
         h = torch.stack([x_dst.detach(), rel], dim=-1).flatten(1)
-        grad_h, grad_w, grad_b = grouped_linear_backward(grad_out, h, weight, ctx.groups)
+        grad_h, grad_w, grad_b = layer_backward(_GroupedLinear(ctx.groups), grad_out, h, weight, ctx.dtype)
         grad_h = grad_h.view(grad_h.size(0), -1, 2)
         grad_rel = grad_h[..., 1]
         grad_dst = grad_h[..., 0] - grad_rel

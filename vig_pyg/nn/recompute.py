@@ -113,6 +113,25 @@ def _replay_batch_norm(y, weight, bias, stats, eps):
     return F.batch_norm(y, mean, var, weight, bias, stats is None, 0.0, eps)
 
 
+def autocast_state(t: Tensor) -> tuple[str, bool, torch.dtype]:
+    """The autocast state for ``t``'s device, to recompute in backward exactly as forward computed."""
+    device = t.device.type
+    return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+
+
+def autocast_like(state: tuple[str, bool, torch.dtype]) -> torch.autocast:
+    """Re-enter a state from :func:`autocast_state` (backward runs outside the forward's autocast)."""
+    device, enabled, dtype = state
+    return torch.autocast(device, dtype=dtype, enabled=enabled)
+
+
+def layer_backward(layer, grad_out: Tensor, x: Tensor, weight: Tensor, dtype: torch.dtype):
+    """A layer's input, weight and bias gradients, computed in ``dtype`` (what the forward ran in, e.g.
+    bfloat16 under autocast) and returned in the dtypes of ``x`` and ``weight``."""
+    grad_x, grad_w, grad_b = layer.backward(grad_out.to(dtype), x.to(dtype), weight.to(dtype))
+    return grad_x.to(x.dtype), grad_w.to(weight.dtype), grad_b.to(weight.dtype)
+
+
 class _GroupedLinear:
     """The layer after norm + act: a grouped linear map on ``(rows, C)``."""
 
@@ -188,7 +207,7 @@ class _NormActLayer(torch.autograd.Function):
         # Eval-mode statistics are needed again in backward; batch statistics are recomputed from y.
         ctx.stats = None if batch_stats else (norm.running_mean.clone(), norm.running_var.clone())
         ctx.act, ctx.layer, ctx.eps, ctx.has_bias = act, layer, norm.eps, bias is not None
-        ctx.producer = producer
+        ctx.producer, ctx.autocast, ctx.dtype = producer, autocast_state(weight), out.dtype
         return out
 
     @staticmethod
@@ -200,11 +219,11 @@ class _NormActLayer(torch.autograd.Function):
             kept_inputs[0].requires_grad_()
         params = [t.detach().requires_grad_() if t is not None else None for t in (norm_weight, norm_bias)]
         mean, var = ctx.stats if ctx.stats is not None else (None, None)
-        with torch.enable_grad():
+        with torch.enable_grad(), autocast_like(ctx.autocast):
             y = ctx.producer(*kept_inputs) if ctx.producer is not None else kept_inputs[0]
             z = F.batch_norm(y, mean, var, params[0], params[1], ctx.stats is None, 0.0, ctx.eps)
             g = ctx.act(z)
-        grad_g, grad_w, grad_b = ctx.layer.backward(grad_out, g.detach(), weight)
+        grad_g, grad_w, grad_b = layer_backward(ctx.layer, grad_out, g.detach(), weight, ctx.dtype)
         inputs = kept_inputs + params
         wanted = [t for t in inputs if t is not None and t.requires_grad]
         grads = iter(torch.autograd.grad(g, wanted, grad_g, allow_unused=True))
