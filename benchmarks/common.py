@@ -49,18 +49,7 @@ def environment() -> dict[str, str]:
 
 def median_time(fn: Callable[[], object], warmup: int = 2, repeats: int = 7, sync: bool = False) -> float:
     """Median seconds of ``repeats`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if sync:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(paired_times({"fn": fn}, warmup, repeats, sync)["fn"])
 
 
 def paired_times(

@@ -124,9 +124,12 @@ class Grapher(nn.Module):
         norm, mlp, fc2 = self.fc1.norm, self.graph_conv.nn, self.fc2.conv
         pre = self.fc1.project(x).view(b * h * w, -1)  # (B*H*W, C) before the norm
         nodes, replay = batch_norm_once(norm, pre)  # updates the running statistics, once
-        edge_index = self.knn(nodes, self._pool(nodes, b, h, w), b, h, w)
+        keys = self._pool(nodes, b, h, w)
+        edge_index = self.knn(nodes, keys, b, h, w)
         sources = functools.partial(self._sources, replay, b, h, w)
-        conv = self.graph_conv.replayable(edge_index, self.knn.k, sources, (pre, norm.weight, norm.bias))
+        conv = self.graph_conv.replayable(
+            edge_index, self.knn.k, sources, (pre, norm.weight, norm.bias), computed=(keys, nodes)
+        )
         x = norm_act_linear(None, mlp.norm, mlp.act, fc2.weight.flatten(1), fc2.bias, recompute_from=conv)
         return self.fc2.norm(nodes_to_image(x, b, h, w))
 

@@ -75,10 +75,10 @@ class _MaxRelativeLinear(torch.autograd.Function):
         return None, None, None, None, grad_w, grad_b, None, None, *grad_inputs
 
 
-def _replay(index, k, groups, source_fn, num_sources, *tensors):
+def _replay(index, k, groups, source_fn, computed, num_sources, *tensors):
     sources, (weight, bias) = tensors[:num_sources], tensors[num_sources:]
     if not torch.is_grad_enabled():  # the first pass, under the caller's no_grad: nothing to keep
-        x_src, x_dst = source_fn(*sources)
+        x_src, x_dst = computed if computed is not None else source_fn(*sources)
         rel = x_src.index_select(0, index).view(-1, k, x_src.size(-1)).amax(dim=1).sub_(x_dst)
         return grouped_linear(torch.stack([x_dst, rel], dim=-1).flatten(1), weight, bias, groups)
     return _MaxRelativeLinear.apply(None, None, index, k, weight, bias, groups, source_fn, *sources)
@@ -141,6 +141,7 @@ class MRConv(ViGConv):
         k: int,
         source_fn: Callable[..., PairTensor],
         source_inputs: Sequence[Tensor],
+        computed: PairTensor | None = None,
     ) -> tuple[Callable[..., Tensor], tuple[Tensor | None, ...]]:
         """This conv as a pure function of tensors, for callers that rebuild its output in backward.
 
@@ -149,13 +150,14 @@ class MRConv(ViGConv):
         ``source_inputs`` followed by this conv's weights. ``source_fn`` maps ``source_inputs`` to the
         pair ``(x_src, x_dst)`` and must not update any state (the Grapher passes its fc1 BatchNorm,
         replayed, and pooling). Under autograd ``fn`` keeps only ``source_inputs`` and the positions of
-        the maxima for its own backward, and replays ``source_fn`` there.
+        the maxima for its own backward, and replays ``source_fn`` there. ``computed``: the pair, if the
+        caller already has it (then the first, no-autograd call uses it instead of running ``source_fn``).
         """
         if not 1 <= k <= 256:
             raise ValueError(f"replayable() needs 1 <= k <= 256 (the max positions are bytes), got k={k}")
         check_k_regular(edge_index, edge_index.size(1) // k, k)
         lin = self.nn.lin
-        fn = functools.partial(_replay, edge_index[0], k, lin.groups, source_fn, len(source_inputs))
+        fn = functools.partial(_replay, edge_index[0], k, lin.groups, source_fn, computed, len(source_inputs))
         return fn, (*source_inputs, lin.weight, lin.bias)
 
     def forward(
