@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vig_pyg.graph.knn import LowRankBias
+from vig_pyg.tracing import is_tracing
 
 __all__ = ["relative_position_bias", "relative_position_factors", "sincos_pos_embed"]
 
@@ -66,15 +67,11 @@ _cached_factors = functools.lru_cache(maxsize=128)(_factors)
 _cached_bias = functools.lru_cache(maxsize=128)(_bias)
 
 
-def _tracing() -> bool:
-    return torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
-
-
 def relative_position_factors(
     dim: int, height: int, width: int, reduce_ratio: int = 1, device: torch.device | str | None = None
 ) -> LowRankBias:
     """The term as a :class:`LowRankBias` (``bias = -query @ key.T``), usable by every kNN back-end."""
-    query, key = (_factors if _tracing() else _cached_factors)(dim, height, width, reduce_ratio)
+    query, key = (_factors if is_tracing() else _cached_factors)(dim, height, width, reduce_ratio)
     return LowRankBias(query.float().to(device), key.float().to(device))
 
 
@@ -82,4 +79,4 @@ def relative_position_bias(
     dim: int, height: int, width: int, reduce_ratio: int = 1, device: torch.device | str | None = None
 ) -> Tensor:
     """The ``(H W, (H / r)(W / r))`` float32 bias matrix (values in ``[-1, 0)``), computed in float64."""
-    return (_bias if _tracing() else _cached_bias)(dim, height, width, reduce_ratio).to(device)
+    return (_bias if is_tracing() else _cached_bias)(dim, height, width, reduce_ratio).to(device)

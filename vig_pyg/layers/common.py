@@ -5,13 +5,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vig_pyg.nn.mlp import fold_batch_norm, make_activation
+from vig_pyg.nn.mlp import activate, fold_batch_norm, make_activation
 from vig_pyg.nn.recompute import can_recompute, norm_act_conv
 
 __all__ = ["ClassifierHead", "ConvNorm", "DropPath", "Stem"]
+
+# FX records activate() as one call (it looks at the tensor's layout), so traced models run its kernels.
+torch.fx.wrap("activate")
 
 
 class ConvNorm(nn.Module):
@@ -102,7 +106,7 @@ class Stem(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < len(self.layers) - 1:
-                x = self.act(x)
+                x = activate(self.act, x)
         return x
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from vig_pyg.nn.aggr import _first_argmax, check_k_regular, gather_max
+from vig_pyg.nn.aggr import check_k_regular, gather_max, neighbor_max
 from vig_pyg.nn.base import PairTensor, ViGConv
 from vig_pyg.nn.mlp import GroupedMLP, grouped_linear
 from vig_pyg.nn.recompute import (
@@ -36,10 +36,7 @@ class _MaxRelativeLinear(torch.autograd.Function):
     def forward(ctx, x_src, x_dst, index, k, weight, bias, groups, source_fn, *source_inputs):  # type: ignore[override]
         if source_fn is not None:
             x_src, x_dst = source_fn(*source_inputs)
-        gathered = x_src.index_select(0, index).view(-1, k, x_src.size(-1))  # (N, k, C)
-        best = gathered.amax(dim=1)
-        pos = _first_argmax(gathered, best)
-        del gathered
+        best, pos = neighbor_max(x_src, index, k, positions=True)  # (N, C) each
         h = torch.stack([x_dst, best.sub_(x_dst)], dim=-1).flatten(1)  # (N, 2C) interleaved
         kept = source_inputs if source_fn is not None else (x_src, x_dst)
         ctx.save_for_backward(index, pos, weight, *kept)
@@ -79,7 +76,7 @@ def _replay(index, k, groups, source_fn, computed, num_sources, *tensors):
     sources, (weight, bias) = tensors[:num_sources], tensors[num_sources:]
     if not torch.is_grad_enabled():  # the first pass, under the caller's no_grad: nothing to keep
         x_src, x_dst = computed if computed is not None else source_fn(*sources)
-        rel = x_src.index_select(0, index).view(-1, k, x_src.size(-1)).amax(dim=1).sub_(x_dst)
+        rel = neighbor_max(x_src, index, k)[0].sub_(x_dst)
         return grouped_linear(torch.stack([x_dst, rel], dim=-1).flatten(1), weight, bias, groups)
     return _MaxRelativeLinear.apply(None, None, index, k, weight, bias, groups, source_fn, *sources)
 
@@ -173,7 +170,8 @@ class MRConv(ViGConv):
             )
             return y if pre_norm else self.nn.norm_act(y)
         if k is not None:
-            rel = gather_max(x_src, edge_index, k) - x_dst  # (N, C)
+            rel = gather_max(x_src, edge_index, k)  # (N, C)
+            rel = rel - x_dst if rel.requires_grad else rel.sub_(x_dst)
         else:
             rel = self.propagate(edge_index, x=(x_src, x_dst))
         h = torch.stack([x_dst, rel], dim=-1).flatten(1)  # (N, 2C) as [x_0, m_0, x_1, m_1, ...]

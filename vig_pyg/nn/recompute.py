@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from vig_pyg.nn.mlp import grouped_linear, grouped_linear_backward
+from vig_pyg.nn.mlp import activate, grouped_linear, grouped_linear_backward
+from vig_pyg.tracing import is_tracing
 
 __all__ = [
     "batch_norm_once",
@@ -52,13 +53,7 @@ def recompute_enabled(*tensors: Tensor) -> bool:
     """Whether to trade memory for recomputation here: autograd records through one of ``tensors``,
     in eager mode (not compiling, exporting or FX tracing), and no :func:`recompute_disabled` block is
     active."""
-    return (
-        _enabled
-        and torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-        and not torch.fx._symbolic_trace.is_fx_symbolic_tracing()
-        and any(t.requires_grad for t in tensors)
-    )
+    return _enabled and torch.is_grad_enabled() and not is_tracing() and any(t.requires_grad for t in tensors)
 
 
 def can_recompute(x: Tensor, norm: nn.Module, act: nn.Module) -> bool:
@@ -201,7 +196,7 @@ class _NormActLayer(torch.autograd.Function):
             momentum,
             norm.eps,
         )
-        out = layer.forward(act(z), weight, bias)
+        out = layer.forward(activate(act, z), weight, bias)
         kept = made_from if producer is not None else (y,)
         ctx.save_for_backward(norm_weight, norm_bias, weight, *kept)
         # Eval-mode statistics are needed again in backward; batch statistics are recomputed from y.
@@ -222,7 +217,7 @@ class _NormActLayer(torch.autograd.Function):
         with torch.enable_grad(), autocast_like(ctx.autocast):
             y = ctx.producer(*kept_inputs) if ctx.producer is not None else kept_inputs[0]
             z = F.batch_norm(y, mean, var, params[0], params[1], ctx.stats is None, 0.0, ctx.eps)
-            g = ctx.act(z)
+            g = activate(ctx.act, z)
         grad_g, grad_w, grad_b = layer_backward(ctx.layer, grad_out, g.detach(), weight, ctx.dtype)
         inputs = kept_inputs + params
         wanted = [t for t in inputs if t is not None and t.requires_grad]
