@@ -15,20 +15,25 @@ WHEEL_DIR ?= $(HOME)/.cache/vig_pyg/wheels/torch-$(TORCH_VERSION)
 STAMP := $(VENV)/.vig_pyg-installed
 LINT_PATHS := vig_pyg tests examples benchmarks
 
-.PHONY: all demo test test-slow lint format setup wheels docs clean-venv
+.PHONY: all demo test test-slow lint format setup wheels kernels docs clean-venv
 
 all: test
 
 setup: $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) kernels
 	$(PY) -m vig_pyg.demo
 
-test: $(STAMP) lint
+test: $(STAMP) lint kernels
 	$(PY) -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) kernels
 	$(PY) -m pytest -q -m slow --runslow
+
+# The optional compiled CPU kernel (kNN top-k), built for this torch into ~/.cache/vig_pyg/ops once per
+# source version (about 15 s; afterwards this only loads it). ninja comes from the venv.
+kernels: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m vig_pyg kernels --build
 
 lint: $(STAMP)
 	$(PY) -m ruff check $(LINT_PATHS)
@@ -65,7 +70,7 @@ $(STAMP): pyproject.toml $(VENV)/.torch-$(TORCH_VERSION)
 	$(MAKE) -j2 wheels
 	$(PIP) install --quiet --find-links $(WHEEL_DIR) \
 		torch-scatter==$(TORCH_SCATTER_VERSION) torch-cluster==$(TORCH_CLUSTER_VERSION)
-	$(PIP) install --quiet -e '.[test,docs,export,train]'
+	$(PIP) install --quiet -e '.[test,docs,export,train,kernels]'
 	touch $@
 
 docs: $(STAMP)

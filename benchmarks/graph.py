@@ -12,9 +12,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS, environment, median_time, write_csv
+from benchmarks.common import RESULTS, environment, median_time, paired_speedup, paired_times, write_csv
 from vig_pyg.graph import knn_graph
+from vig_pyg.graph.select import kernel_available
 from vig_pyg.nn import EdgeConv, GINConv, GraphSAGE, MRConv
+from vig_pyg.nn.aggr import gather_neighbors, neighbor_max
 
 # (label, query nodes, key nodes, channels) of the Graphers in the official models.
 KNN_SIZES = [
@@ -93,6 +95,73 @@ def bench_aggregation(batch: int, quick: bool) -> list[dict[str, object]]:
     return rows
 
 
+# (label, query rows per image, keys, k * d) of the selections in pvig_s's Graphers at 224 and 448.
+SELECT_SIZES = [
+    ("pvig_s stage1 224", 3136, 196, 9),
+    ("pvig_s stage2 224", 784, 196, 9),
+    ("pvig_s stage3 224 (d=2)", 196, 196, 18),
+    ("pvig_s stage1 448", 12544, 784, 9),
+    ("pvig_s stage2 448", 3136, 784, 9),
+]
+
+
+def bench_select(batch: int, quick: bool) -> list[dict[str, object]]:
+    """The kNN's top-k selection: torch.topk against the compiled kernel (vig_pyg.graph.select)."""
+    if not kernel_available():
+        return []
+    rows = []
+    for label, n, m, kd in SELECT_SIZES[:2] if quick else SELECT_SIZES:
+        score = torch.randn(batch, n, m)
+        times = paired_times(
+            {
+                "topk": lambda s=score, kd=kd: torch.topk(s, kd, dim=-1),
+                "kernel": lambda s=score, kd=kd: torch.ops.vig_pyg.small_topk(s, kd),
+            },
+            warmup=1,
+            repeats=3 if quick else 7,
+        )
+        rows.append(
+            {
+                "op": f"top-{kd} of {m}",
+                "size": label,
+                "batch": batch,
+                "topk_ms": round(sorted(times["topk"])[len(times["topk"]) // 2] * 1e3, 3),
+                "kernel_ms": round(sorted(times["kernel"])[len(times["kernel"]) // 2] * 1e3, 3),
+                "speedup": round(paired_speedup(times["topk"], times["kernel"]), 2),
+            }
+        )
+    return rows
+
+
+def bench_gather_max(batch: int, quick: bool) -> list[dict[str, object]]:
+    """MR's neighbour max: one (N, k, C) gather against cache-sized row blocks (vig_pyg.nn.aggr)."""
+    rows = []
+    for label, n, m, c in KNN_SIZES[:2] if quick else KNN_SIZES[:4]:
+        x = torch.randn(batch * m, c)
+        ei = torch.stack(
+            [torch.randint(0, batch * m, (batch * n * 9,)), torch.arange(batch * n).repeat_interleave(9)]
+        )
+        times = paired_times(
+            {
+                "whole": lambda x=x, ei=ei: gather_neighbors(x, ei, 9).amax(dim=1),
+                "blocks": lambda x=x, ei=ei: neighbor_max(x, ei[0], 9),
+            },
+            warmup=1,
+            repeats=3 if quick else 7,
+        )
+        rows.append(
+            {
+                "op": "max over 9 neighbours",
+                "size": label,
+                "batch": batch,
+                "whole_ms": round(sorted(times["whole"])[len(times["whole"]) // 2] * 1e3, 3),
+                "blocks_ms": round(sorted(times["blocks"])[len(times["blocks"]) // 2] * 1e3, 3),
+                "speedup": round(paired_speedup(times["whole"], times["blocks"]), 2),
+            }
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -106,15 +175,28 @@ def main(argv: list[str] | None = None) -> None:
     env = environment()
     knn_rows = [{**r, **env} for r in bench_knn(args.batch, args.quick)]
     agg_rows = [{**r, **env} for r in bench_aggregation(args.batch, args.quick)]
+    select_rows = [{**r, **env} for r in bench_select(args.batch, args.quick)]
+    max_rows = [{**r, **env} for r in bench_gather_max(args.batch, args.quick)]
     prefix = args.out or RESULTS / "graph"
     write_csv(Path(f"{prefix}_knn.csv"), knn_rows)
     write_csv(Path(f"{prefix}_aggregation.csv"), agg_rows)
+    if select_rows:
+        write_csv(Path(f"{prefix}_select.csv"), select_rows)
+    write_csv(Path(f"{prefix}_gather_max.csv"), max_rows)
     for r in knn_rows:
         ratio = r["cluster_over_dense"]
         print(f"{r['size']:>22}: dense {r['dense_ms']:8.2f} ms  torch_cluster "
               f"{r['torch_cluster_ms']:8.2f} ms  x{ratio:<6} auto={r['auto_picks']}")  # fmt: skip
     for r in agg_rows:
         print(f"{r['op']:>22}: k-regular {r['k_regular_ms']:7.2f} ms  PyG {r['pyg_aggregation_ms']:7.2f} ms  "
+              f"x{r['speedup']}")  # fmt: skip
+    for r in select_rows:
+        print(f"{r['size']:>22}: {r['op']}: torch.topk {r['topk_ms']:7.2f} ms  "
+              f"kernel {r['kernel_ms']:7.2f} ms  x{r['speedup']}")  # fmt: skip
+    if not select_rows:
+        print("top-k selection kernel not built (vig-pyg kernels --build): its rows are left out")
+    for r in max_rows:
+        print(f"{r['size']:>22}: {r['op']}: whole {r['whole_ms']:7.2f} ms  blocks {r['blocks_ms']:7.2f} ms  "
               f"x{r['speedup']}")  # fmt: skip
 
 

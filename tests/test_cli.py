@@ -207,3 +207,14 @@ def test_python_dash_m_runs_the_cli(tmp_path: Path) -> None:
         and "\n" not in proc.stderr.strip()
     )
     assert not (tmp_path / "o").exists()
+
+
+def test_kernels_reports_and_builds(capsys: pytest.CaptureFixture[str]) -> None:
+    from vig_pyg.graph.select import kernel_available
+
+    assert main(["kernels"]) == 0
+    state = capsys.readouterr().out
+    assert ("loaded" in state) == kernel_available()
+    if kernel_available():  # already built: --build only loads it
+        assert main(["kernels", "--build"]) == 0
+        assert "built and loaded" in capsys.readouterr().out

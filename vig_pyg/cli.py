@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -250,6 +251,25 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_kernels(args: argparse.Namespace) -> int:
+    from vig_pyg.graph.select import build_kernel, kernel_available
+
+    if args.build:
+        try:
+            path = build_kernel(verbose=args.verbose)
+        except (OSError, RuntimeError, subprocess.CalledProcessError) as err:
+            print(
+                f"vig-pyg kernels: the build failed ({one_line(err)}); vig_pyg works without it",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"top-k selection kernel: built and loaded ({path})")
+    else:
+        state = "loaded" if kernel_available() else "not built (vig-pyg kernels --build compiles it)"
+        print(f"top-k selection kernel: {state}")
+    return 0
+
+
 # -- parser ---------------------------------------------------------------------------------------------
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
@@ -373,6 +393,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_overrides(p)
     _common(p)
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "kernels",
+        help="build or check the optional compiled CPU kernel (kNN top-k)",
+        description="The optional compiled top-k kernel of the dense kNN search: its state, or --build it "
+        "for the installed torch (needs a C++ compiler and ninja; about 15 s).",
+    )
+    p.add_argument("--build", action="store_true", help="compile it now (kept in ~/.cache/vig_pyg/ops)")
+    _common(p)
+    p.set_defaults(func=cmd_kernels)
     return parser
 
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vig_pyg.graph.select import topk_indices
+
 __all__ = [
     "KNNMethod",
     "LowRankBias",
@@ -111,7 +113,7 @@ def dense_knn(
         score = torch.bmm(queries, keys.transpose(1, 2))  # (B, N, M)
     else:
         score = torch.baddbmm(bias, queries, keys.transpose(1, 2), beta=-1)
-    return torch.topk(score, k, dim=-1).indices  # (B, N, k), sorted by ascending distance
+    return topk_indices(score, k)  # (B, N, k), sorted by ascending distance
 
 
 def neighbors_to_edge_index(nbr: Tensor, key_offset: Tensor | int | None = None) -> Tensor:

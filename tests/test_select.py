@@ -1,0 +1,107 @@
+"""The compiled top-k selection kernel against torch.topk, and the dispatch around it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vig_pyg.graph.select as select
+from vig_pyg.graph import knn_graph
+from vig_pyg.graph.knn import dense_knn
+
+kernel = pytest.mark.skipif(
+    not select.kernel_available(),
+    reason="selection kernel not built: run `vig-pyg kernels --build` (make does)",
+)
+
+
+def small_topk(score: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.ops.vig_pyg.small_topk(score, k)
+
+
+@kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    ("rows", "n", "k"), [(1, 1, 1), (7, 5, 5), (300, 196, 9), (64, 49, 16), (33, 800, 3)]
+)
+def test_kernel_equals_topk(rows: int, n: int, k: int, dtype: torch.dtype) -> None:
+    score = torch.randn(rows, n, dtype=dtype)
+    assert torch.equal(small_topk(score, k), torch.topk(score, k, dim=-1).indices)
+
+
+@kernel
+def test_kernel_batched_and_strided_input() -> None:
+    score = torch.randn(3, 40, 50).transpose(1, 2)  # (3, 50, 40), not contiguous
+    out = small_topk(score, 7)
+    assert out.shape == (3, 50, 7) and out.dtype == torch.long
+    assert torch.equal(out, torch.topk(score, 7, dim=-1).indices)
+
+
+@kernel
+def test_kernel_ties_keep_order_of_appearance() -> None:
+    score = torch.randint(0, 4, (500, 60)).float()  # many exact ties
+    out = small_topk(score, 9)
+    assert torch.equal(score.gather(1, out), torch.topk(score, 9, dim=-1).values)
+    vals = score.gather(1, out)
+    same = vals[:, 1:] == vals[:, :-1]
+    assert bool((out[:, 1:] > out[:, :-1])[same].all())  # equal scores: earlier index first
+    assert all(len(set(r.tolist())) == 9 for r in out)
+
+
+@kernel
+def test_kernel_ranks_nan_first_like_topk() -> None:
+    score = torch.randn(50, 30)
+    score[::3, 4] = float("nan")
+    score[1, :] = float("nan")
+    score[2, 10:] = float("-inf")
+    out = small_topk(score, 6)
+    ref = torch.topk(score, 6, dim=-1)
+    got = score.gather(1, out)
+    assert torch.equal(got.isnan(), ref.values.isnan())
+    assert torch.equal(got.nan_to_num(), ref.values.nan_to_num())
+    assert bool((out[1] == torch.arange(6)).all())  # all NaN: order of appearance
+
+
+@kernel
+def test_kernel_rejects_bad_input() -> None:
+    with pytest.raises(RuntimeError, match="k must be in"):
+        small_topk(torch.randn(4, 5), 6)
+    with pytest.raises(RuntimeError, match="k must be in"):
+        small_topk(torch.randn(4, 5), 0)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        small_topk(torch.randint(0, 5, (4, 5)), 2)
+
+
+def test_topk_indices_falls_back_where_the_kernel_does_not_apply() -> None:
+    score = torch.randn(20, 70)
+    for s, k in [(score.half(), 5), (score.bfloat16(), 5), (score, select.KERNEL_MAX_K + 1)]:
+        assert torch.equal(select.topk_indices(s, k), torch.topk(s, k, dim=-1).indices)
+    grad = score.clone().requires_grad_()
+    assert torch.equal(select.topk_indices(grad, 5), torch.topk(score, 5, dim=-1).indices)
+
+
+@kernel
+def test_dense_search_same_with_and_without_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(2, 150, 16)
+    y = torch.randn(2, 40, 16)
+    bias = torch.rand(150, 40)
+    with_kernel = dense_knn(x, y, 9, bias)
+    monkeypatch.setattr(select, "_loaded", False)
+    assert torch.equal(dense_knn(x, y, 9, bias), with_kernel)
+    monkeypatch.undo()
+    assert select.kernel_available()
+
+
+@kernel
+def test_knn_graph_uses_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    op = torch.ops.vig_pyg.small_topk
+
+    def spy(score: torch.Tensor, k: int) -> torch.Tensor:
+        calls.append(k)
+        return op(score, k)
+
+    monkeypatch.setattr(torch.ops.vig_pyg, "small_topk", spy)
+    x = torch.randn(60, 8 + 16)
+    edges = knn_graph(x, 5, dilation=2, method="dense")
+    assert calls == [10] and edges.shape == (2, 300)
