@@ -63,6 +63,18 @@ def test_kernel_ranks_nan_first_like_topk() -> None:
 
 
 @kernel
+def test_kernel_rows_with_infinities() -> None:
+    score = torch.randn(40, 50)
+    score[:10, 3:] = float("-inf")  # fewer finite scores than k
+    score[10:20, ::2] = float("-inf")
+    score[20:30, 7] = float("inf")
+    out = small_topk(score, 6)
+    assert torch.equal(score.gather(1, out), torch.topk(score, 6, dim=-1).values)
+    assert all(len(set(r.tolist())) == 6 for r in out)
+    assert torch.equal(out[10:], torch.topk(score[10:], 6, dim=-1).indices)
+
+
+@kernel
 def test_kernel_rejects_bad_input() -> None:
     with pytest.raises(RuntimeError, match="k must be in"):
         small_topk(torch.randn(4, 5), 6)
