@@ -2,9 +2,9 @@
 
 ``torch.compile`` and ``torch.export.export`` work on vig_pyg models as they are. ``torch.fx`` symbolic
 tracing cannot follow a Grapher (it sizes its graph from the input's shape), so :func:`symbolic_trace`
-keeps each Grapher and FFN as one call (leaf modules, named after their module path); the stem, position
-embedding, downsampling and head are traced op by op, and FX-based tools (feature extraction by node
-name) work on the result.
+keeps each Grapher and FFN as one call (leaf modules, named after their module path), as well as every
+conv + norm layer; activations, the position embedding, pooling and the head are traced op by op, and
+FX-based tools (feature extraction by node name) work on the result.
 """
 
 from __future__ import annotations
@@ -18,14 +18,15 @@ from torch import fx, nn
 
 from vig_pyg.graph.dynamic import GridKNNGraph
 from vig_pyg.layers.blocks import FFN, Grapher
-from vig_pyg.layers.common import DropPath
+from vig_pyg.layers.common import ConvNorm, DropPath
 
 __all__ = ["FX_LEAF_MODULES", "ViGTracer", "create_feature_extractor", "export_onnx", "symbolic_trace"]
 
 #: Modules that FX keeps as single calls: Graphers and their kNN need concrete shapes, DropPath the input's
-#: rank, and an FFN as one call gives every block's output a node named after it
-#: (``stages_1_blocks_0_ffn``), which feature extraction by name relies on.
-FX_LEAF_MODULES: tuple[type[nn.Module], ...] = (Grapher, GridKNNGraph, FFN, DropPath)
+#: rank, ConvNorm its output's size (it applies an eval BatchNorm where that is cheaper), and an FFN as one
+#: call gives every block's output a node named after it (``stages_1_blocks_0_ffn``), which feature
+#: extraction by name relies on.
+FX_LEAF_MODULES: tuple[type[nn.Module], ...] = (Grapher, GridKNNGraph, FFN, DropPath, ConvNorm)
 
 
 class ViGTracer(fx.Tracer):

@@ -9,7 +9,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vig_pyg.nn.mlp import activate, fold_batch_norm, make_activation
+from vig_pyg.nn.mlp import activate, fold_batch_norm, fold_pays, make_activation, normalize_output
 from vig_pyg.nn.recompute import can_recompute, norm_act_conv
 
 __all__ = ["ClassifierHead", "ConvNorm", "DropPath", "Stem"]
@@ -35,16 +35,27 @@ class ConvNorm(nn.Module):
         self.pointwise = kernel_size == 1 and stride == 1
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.norm.training:
-            weight, bias = self.conv.weight, self.conv.bias
-        else:
-            weight, bias = fold_batch_norm(self.conv.weight, self.conv.bias, self.norm, trailing_dims=3)
+        weight, bias = self.conv.weight, self.conv.bias
+        # Eval: the BatchNorm is folded into the weights, or applied to the output where that is smaller.
+        fold = not self.norm.training and fold_pays(weight, self._output_elements(x))
+        if fold:
+            weight, bias = fold_batch_norm(weight, bias, self.norm, trailing_dims=3)
         if self.pointwise:
             # (B, C, H, W) channels-last -> (B, H, W, C) is a view; the result's permute back is one too.
-            x = F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
+            x = F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias)
+            if not (fold or self.norm.training):
+                x = normalize_output(x, self.norm)
+            x = x.permute(0, 3, 1, 2)
         else:
             x = F.conv2d(x, weight, bias, self.conv.stride, self.conv.padding)
+            if not (fold or self.norm.training):
+                x = normalize_output(x.permute(0, 2, 3, 1), self.norm).permute(0, 3, 1, 2)
         return self.norm(x) if self.norm.training else x
+
+    def _output_elements(self, x: Tensor) -> int:
+        (kh, kw), (sh, sw), (ph, pw) = self.conv.kernel_size, self.conv.stride, self.conv.padding
+        h, w = (x.size(2) + 2 * ph - kh) // sh + 1, (x.size(3) + 2 * pw - kw) // sw + 1
+        return x.size(0) * h * w * self.conv.out_channels
 
     def project(self, x: Tensor) -> Tensor:
         """A pointwise layer's linear map alone, no norm: ``(B, C, H, W) -> (B, H, W, Cout)``."""

@@ -20,9 +20,11 @@ __all__ = [
     "GroupedMLP",
     "activate",
     "fold_batch_norm",
+    "fold_pays",
     "grouped_linear",
     "grouped_linear_backward",
     "make_activation",
+    "normalize_output",
     "residual_add",
 ]
 
@@ -100,6 +102,25 @@ def fold_batch_norm(
     if norm.bias is not None:
         shift = shift + norm.bias
     return weight * scale.view((-1,) + (1,) * trailing_dims), shift
+
+
+def fold_pays(weight: Tensor, output_elements: int) -> bool:
+    """Whether an eval-mode BatchNorm is cheaper folded into ``weight`` than applied to the output.
+
+    Folding rewrites the weight on every call; normalising rewrites the output. Late layers at small
+    batches have far larger weights than outputs (Pyramid ViG's last downsampling conv at batch 1: 2.3 M
+    weights for 31 k outputs), early layers the reverse. Symbolic sizes (a dynamic batch under
+    ``torch.export``) fold, which needs no branch on them.
+    """
+    return not isinstance(output_elements, int) or weight.numel() <= output_elements
+
+
+def normalize_output(y: Tensor, norm: nn.modules.batchnorm._BatchNorm) -> Tensor:
+    """Eval-mode ``norm`` on ``y`` whose last axis holds the channels (a node view ``(..., C)``)."""
+    flat = y.reshape(-1, y.size(-1))  # (rows, C): BatchNorm1d's layout, a view
+    return F.batch_norm(
+        flat, norm.running_mean, norm.running_var, norm.weight, norm.bias, False, 0.0, norm.eps
+    ).view_as(y)
 
 
 def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
@@ -220,9 +241,12 @@ class GroupedMLP(nn.Sequential):
         if pre_norm:
             return self.lin(x).reshape(*lead, -1)
         if isinstance(self.norm, nn.BatchNorm1d) and not self.norm.training:
-            # Eval: the BatchNorm is an affine map; folded into the linear layer it costs nothing.
-            weight, bias = fold_batch_norm(self.lin.weight, self.lin.bias, self.norm)
-            x = grouped_linear(x, weight, bias, self.lin.groups)
+            # Eval: the BatchNorm is an affine map, applied where it costs less (see fold_pays).
+            if fold_pays(self.lin.weight, x.size(0) * self.lin.out_channels):
+                weight, bias = fold_batch_norm(self.lin.weight, self.lin.bias, self.norm)
+                x = grouped_linear(x, weight, bias, self.lin.groups)
+            else:
+                x = normalize_output(self.lin(x), self.norm)
         else:
             x = self.norm(self.lin(x))
         return activate(self.act, x).reshape(*lead, -1)
