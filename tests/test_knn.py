@@ -110,6 +110,16 @@ def test_relative_position_bias(method: str, reduce_ratio: int) -> None:
     assert not torch.equal(plain, ei)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_float64_features_with_a_float32_bias(method: str) -> None:
+    x = torch.randn(2 * 64, 16, dtype=torch.float64) * 0.3
+    batch = torch.arange(2).repeat_interleave(64)
+    bias = relative_position_bias(16, 8, 8)  # float32
+    arg = relative_position_factors(16, 8, 8) if method == "torch_cluster" else bias
+    ei = knn_graph(x, 5, batch, bias=arg, method=method)
+    assert torch.equal(as_neighbors(ei, 128, 5), brute_force(x, 5, batch, bias=bias))
+
+
 def test_low_rank_bias_dense_backend() -> None:
     x = torch.randn(36, 8)
     f = relative_position_factors(8, 6, 6)

@@ -112,7 +112,7 @@ def dense_knn(
     if bias is None:
         score = torch.bmm(queries, keys.transpose(1, 2))  # (B, N, M)
     else:
-        score = torch.baddbmm(bias, queries, keys.transpose(1, 2), beta=-1)
+        score = torch.baddbmm(bias.to(queries.dtype), queries, keys.transpose(1, 2), beta=-1)
     return topk_indices(score, k)  # (B, N, k), sorted by ascending distance
 
 
