@@ -22,7 +22,8 @@ def small_topk(score: torch.Tensor, k: int) -> torch.Tensor:
 @kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
-    ("rows", "n", "k"), [(1, 1, 1), (7, 5, 5), (300, 196, 9), (64, 49, 16), (33, 800, 3)]
+    ("rows", "n", "k"),
+    [(1, 1, 1), (7, 5, 5), (300, 196, 9), (64, 49, 16), (33, 800, 3), (50, 196, 27), (20, 100, 64)],
 )
 def test_kernel_equals_topk(rows: int, n: int, k: int, dtype: torch.dtype) -> None:
     score = torch.randn(rows, n, dtype=dtype)
@@ -40,12 +41,13 @@ def test_kernel_batched_and_strided_input() -> None:
 @kernel
 def test_kernel_ties_keep_order_of_appearance() -> None:
     score = torch.randint(0, 4, (500, 60)).float()  # many exact ties
-    out = small_topk(score, 9)
-    assert torch.equal(score.gather(1, out), torch.topk(score, 9, dim=-1).values)
-    vals = score.gather(1, out)
-    same = vals[:, 1:] == vals[:, :-1]
-    assert bool((out[:, 1:] > out[:, :-1])[same].all())  # equal scores: earlier index first
-    assert all(len(set(r.tolist())) == 9 for r in out)
+    for k in (9, 30):  # the insertion scan and the partition
+        out = small_topk(score, k)
+        assert torch.equal(score.gather(1, out), torch.topk(score, k, dim=-1).values)
+        vals = score.gather(1, out)
+        same = vals[:, 1:] == vals[:, :-1]
+        assert bool((out[:, 1:] > out[:, :-1])[same].all())  # equal scores: earlier index first
+        assert all(len(set(r.tolist())) == k for r in out)
 
 
 @kernel
@@ -68,10 +70,11 @@ def test_kernel_rows_with_infinities() -> None:
     score[:10, 3:] = float("-inf")  # fewer finite scores than k
     score[10:20, ::2] = float("-inf")
     score[20:30, 7] = float("inf")
-    out = small_topk(score, 6)
-    assert torch.equal(score.gather(1, out), torch.topk(score, 6, dim=-1).values)
-    assert all(len(set(r.tolist())) == 6 for r in out)
-    assert torch.equal(out[10:], torch.topk(score[10:], 6, dim=-1).indices)
+    for k in (6, 20):
+        out = small_topk(score, k)
+        assert torch.equal(score.gather(1, out), torch.topk(score, k, dim=-1).values)
+        assert all(len(set(r.tolist())) == k for r in out)
+    assert torch.equal(small_topk(score[10:], 6), torch.topk(score[10:], 6, dim=-1).indices)
 
 
 @kernel

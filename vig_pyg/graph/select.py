@@ -3,10 +3,11 @@
 The selection after the score matmul is the slowest step of the dense search on CPU: ``torch.topk`` runs
 a general selection over every score (about 7 ns per score at ViG's sizes, 12-16% of Pyramid ViG's eval
 time). ``vig_pyg/csrc/select.cpp`` selects ViG's small ``k`` by scanning each row once against the best
-``k`` so far (1.5x to 2.4x faster at the pyramid stages' sizes, ``benchmarks/graph.py``). It is compiled
+``k`` so far (2.4x faster for Pyramid ViG's first two stages at 224, 1.4x at 448, 1.1x-1.5x for the
+``k * d`` of 18 to 45 of later stages; ``benchmarks/graph.py``). It is compiled
 on the user's machine against the installed torch (``vig-pyg kernels --build``, which ``make`` runs;
 it needs a C++ compiler and ninja) and kept in ``~/.cache/vig_pyg/ops``. Without it, or on
-GPU, in float16/bfloat16, for ``k > 16``, or while ``torch.compile``/``torch.export`` capture the model,
+GPU, in float16/bfloat16, for ``k > 64``, or while ``torch.compile``/``torch.export`` capture the model,
 :func:`topk_indices` is ``torch.topk``: the results are the same either way (up to the order of exactly
 equal scores, which ``torch.topk`` leaves unspecified).
 """
@@ -25,8 +26,8 @@ from vig_pyg.tracing import is_tracing
 __all__ = ["build_kernel", "kernel_available", "topk_indices"]
 
 _SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "select.cpp"
-# The kernel's insertion costs O(k) per accepted score: at k = 18 it measured no faster than torch.topk.
-KERNEL_MAX_K = 16
+# Beyond this k the kernel's selection has no edge over torch.topk (measured up to k = 45 of 196).
+KERNEL_MAX_K = 64
 _loaded: bool | None = None  # None: not looked for yet
 
 
