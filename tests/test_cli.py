@@ -217,4 +217,4 @@ def test_kernels_reports_and_builds(capsys: pytest.CaptureFixture[str]) -> None:
     assert ("loaded" in state) == kernel_available()
     if kernel_available():  # already built: --build only loads it
         assert main(["kernels", "--build"]) == 0
-        assert "built and loaded" in capsys.readouterr().out
+        assert "ready" in capsys.readouterr().out

@@ -263,7 +263,7 @@ def cmd_kernels(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 1
-        print(f"top-k selection kernel: built and loaded ({path})")
+        print(f"top-k selection kernel: ready ({path})")
     else:
         state = "loaded" if kernel_available() else "not built (vig-pyg kernels --build compiles it)"
         print(f"top-k selection kernel: {state}")
