@@ -8,6 +8,7 @@ Each row times one operation on a batch of B graphs; ratios are taken within one
 from __future__ import annotations
 
 import argparse
+import statistics
 from pathlib import Path
 
 import torch
@@ -95,6 +96,13 @@ def bench_aggregation(batch: int, quick: bool) -> list[dict[str, object]]:
     return rows
 
 
+def _compare(base, new, quick: bool) -> tuple[float, float, float]:
+    """Median milliseconds of ``base`` and ``new`` called in turn, and the median per-round speed-up."""
+    times = paired_times({"base": base, "new": new}, warmup=1, repeats=3 if quick else 7)
+    base_ms, new_ms = (round(statistics.median(times[key]) * 1e3, 3) for key in ("base", "new"))
+    return base_ms, new_ms, round(paired_speedup(times["base"], times["new"]), 2)
+
+
 # (label, query rows per image, keys, k * d) of the selections in pvig_s's Graphers at 224 and 448.
 SELECT_SIZES = [
     ("pvig_s stage1 224", 3136, 196, 9),
@@ -112,22 +120,19 @@ def bench_select(batch: int, quick: bool) -> list[dict[str, object]]:
     rows = []
     for label, n, m, kd in SELECT_SIZES[:2] if quick else SELECT_SIZES:
         score = torch.randn(batch, n, m)
-        times = paired_times(
-            {
-                "topk": lambda s=score, kd=kd: torch.topk(s, kd, dim=-1),
-                "kernel": lambda s=score, kd=kd: torch.ops.vig_pyg.small_topk(s, kd),
-            },
-            warmup=1,
-            repeats=3 if quick else 7,
+        base_ms, new_ms, speedup = _compare(
+            lambda s=score, kd=kd: torch.topk(s, kd, dim=-1),
+            lambda s=score, kd=kd: torch.ops.vig_pyg.small_topk(s, kd),
+            quick,
         )
         rows.append(
             {
                 "op": f"top-{kd} of {m}",
                 "size": label,
                 "batch": batch,
-                "topk_ms": round(sorted(times["topk"])[len(times["topk"]) // 2] * 1e3, 3),
-                "kernel_ms": round(sorted(times["kernel"])[len(times["kernel"]) // 2] * 1e3, 3),
-                "speedup": round(paired_speedup(times["topk"], times["kernel"]), 2),
+                "topk_ms": base_ms,
+                "kernel_ms": new_ms,
+                "speedup": speedup,
             }
         )
     return rows
@@ -141,22 +146,19 @@ def bench_gather_max(batch: int, quick: bool) -> list[dict[str, object]]:
         ei = torch.stack(
             [torch.randint(0, batch * m, (batch * n * 9,)), torch.arange(batch * n).repeat_interleave(9)]
         )
-        times = paired_times(
-            {
-                "whole": lambda x=x, ei=ei: gather_neighbors(x, ei, 9).amax(dim=1),
-                "blocks": lambda x=x, ei=ei: neighbor_max(x, ei[0], 9),
-            },
-            warmup=1,
-            repeats=3 if quick else 7,
+        base_ms, new_ms, speedup = _compare(
+            lambda x=x, ei=ei: gather_neighbors(x, ei, 9).amax(dim=1),
+            lambda x=x, ei=ei: neighbor_max(x, ei[0], 9),
+            quick,
         )
         rows.append(
             {
                 "op": "max over 9 neighbours",
                 "size": label,
                 "batch": batch,
-                "whole_ms": round(sorted(times["whole"])[len(times["whole"]) // 2] * 1e3, 3),
-                "blocks_ms": round(sorted(times["blocks"])[len(times["blocks"]) // 2] * 1e3, 3),
-                "speedup": round(paired_speedup(times["whole"], times["blocks"]), 2),
+                "whole_ms": base_ms,
+                "blocks_ms": new_ms,
+                "speedup": speedup,
             }
         )
     return rows

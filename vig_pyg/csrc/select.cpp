@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <utility>
 #include <vector>
 
@@ -46,6 +47,19 @@ inline void insert_number(scalar_t* best, int64_t* where, int64_t k, scalar_t v,
   where[0] = first ? j : where[0];
 }
 
+// Puts (v, j) at its place in the sorted best[0..p], moving the entries it ranks above one slot down
+// (whatever was at best[p] is overwritten). Ties stay behind: only scores ranking strictly above move.
+template <typename scalar_t, typename Above>
+inline void insert_at(scalar_t* best, int64_t* where, int64_t p, scalar_t v, int64_t j, Above above) {
+  while (p > 0 && above(v, best[p - 1])) {
+    best[p] = best[p - 1];
+    where[p] = where[p - 1];
+    --p;
+  }
+  best[p] = v;
+  where[p] = j;
+}
+
 // A lower bound on the k-th best score, from k disjoint groups of the row: each group's maximum is one of
 // k distinct scores >= the smallest of those maxima. Branch-free, vectorised by the compiler.
 template <typename scalar_t>
@@ -74,14 +88,7 @@ void select_by_insertion(const scalar_t* row, int64_t n, int64_t k, scalar_t* be
   int64_t j = 0;
   for (; j < n && filled < k; ++j) {
     if (row[j] >= bound) {
-      int64_t p = filled++;
-      while (p > 0 && row[j] > best[p - 1]) {
-        best[p] = best[p - 1];
-        where[p] = where[p - 1];
-        --p;
-      }
-      best[p] = row[j];
-      where[p] = j;
+      insert_at(best, where, filled++, row[j], j, std::greater<scalar_t>());
     }
   }
   scalar_t cut = best[k - 1];
@@ -125,14 +132,7 @@ void select_with_nan(const scalar_t* row, int64_t n, int64_t k, scalar_t* best, 
     if (filled == k && !ranks_above(v, best[k - 1])) {
       continue;
     }
-    int64_t p = filled < k ? filled++ : k - 1;
-    while (p > 0 && ranks_above(v, best[p - 1])) {
-      best[p] = best[p - 1];
-      where[p] = where[p - 1];
-      --p;
-    }
-    best[p] = v;
-    where[p] = j;
+    insert_at(best, where, filled < k ? filled++ : k - 1, v, j, ranks_above<scalar_t>);
   }
 }
 
@@ -151,12 +151,10 @@ void select_rows(const scalar_t* scores, int64_t* out, int64_t rows, int64_t n, 
       }
       if (nan) {
         select_with_nan(row, n, k, best.data(), where);
+      } else if (k <= kInsertionMaxK) {
+        select_by_insertion(row, n, k, best.data(), where);
       } else {
-        if (k <= kInsertionMaxK) {
-          select_by_insertion(row, n, k, best.data(), where);
-        } else {
-          select_by_partition(row, n, k, pairs.data(), where);
-        }
+        select_by_partition(row, n, k, pairs.data(), where);
       }
     }
   });

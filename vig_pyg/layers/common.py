@@ -37,19 +37,18 @@ class ConvNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         weight, bias = self.conv.weight, self.conv.bias
         # Eval: the BatchNorm is folded into the weights, or applied to the output where that is smaller.
-        fold = not self.norm.training and fold_pays(weight, self._output_elements(x))
-        if fold:
+        evaluating = not self.norm.training
+        normalize = evaluating and not fold_pays(weight, self._output_elements(x))
+        if evaluating and not normalize:
             weight, bias = fold_batch_norm(weight, bias, self.norm, trailing_dims=3)
         if self.pointwise:
             # (B, C, H, W) channels-last -> (B, H, W, C) is a view; the result's permute back is one too.
-            x = F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias)
-            if not (fold or self.norm.training):
-                x = normalize_output(x, self.norm)
-            x = x.permute(0, 3, 1, 2)
+            nodes = F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias)
         else:
-            x = F.conv2d(x, weight, bias, self.conv.stride, self.conv.padding)
-            if not (fold or self.norm.training):
-                x = normalize_output(x.permute(0, 2, 3, 1), self.norm).permute(0, 3, 1, 2)
+            nodes = F.conv2d(x, weight, bias, self.conv.stride, self.conv.padding).permute(0, 2, 3, 1)
+        if normalize:
+            nodes = normalize_output(nodes, self.norm)
+        x = nodes.permute(0, 3, 1, 2)
         return self.norm(x) if self.norm.training else x
 
     def _output_elements(self, x: Tensor) -> int:

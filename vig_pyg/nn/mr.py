@@ -23,6 +23,11 @@ from vig_pyg.nn.recompute import (
 __all__ = ["MRConv"]
 
 
+def _interleave(x_dst: Tensor, rel: Tensor) -> Tensor:
+    """``(N, 2C)`` input of MR's linear layer: ``[x_0, m_0, x_1, m_1, ...]``, the official channel order."""
+    return torch.stack([x_dst, rel], dim=-1).flatten(1)
+
+
 class _MaxRelativeLinear(torch.autograd.Function):
     """``lin([x_dst, max_j x_src[j] - x_dst] interleaved)`` keeping for backward only the inputs and the
     winners' positions (uint8): the ``(N, 2C)`` input of the linear layer is rebuilt there from one
@@ -37,7 +42,7 @@ class _MaxRelativeLinear(torch.autograd.Function):
         if source_fn is not None:
             x_src, x_dst = source_fn(*source_inputs)
         best, pos = neighbor_max(x_src, index, k, positions=True)  # (N, C) each
-        h = torch.stack([x_dst, best.sub_(x_dst)], dim=-1).flatten(1)  # (N, 2C) interleaved
+        h = _interleave(x_dst, best.sub_(x_dst))
         kept = source_inputs if source_fn is not None else (x_src, x_dst)
         ctx.save_for_backward(index, pos, weight, *kept)
         ctx.k, ctx.groups, ctx.has_bias, ctx.source_fn = k, groups, bias is not None, source_fn
@@ -57,7 +62,7 @@ class _MaxRelativeLinear(torch.autograd.Function):
             x_src, x_dst = kept
         source = index.view(-1, ctx.k).gather(1, pos.long())  # (N, C) source node of every max
         rel = x_src.detach().gather(0, source).sub_(x_dst.detach())
-        h = torch.stack([x_dst.detach(), rel], dim=-1).flatten(1)
+        h = _interleave(x_dst.detach(), rel)
         grad_h, grad_w, grad_b = layer_backward(_GroupedLinear(ctx.groups), grad_out, h, weight, ctx.dtype)
         grad_h = grad_h.view(grad_h.size(0), -1, 2)
         grad_rel = grad_h[..., 1]
@@ -77,7 +82,7 @@ def _replay(index, k, groups, source_fn, computed, num_sources, *tensors):
     if not torch.is_grad_enabled():  # the first pass, under the caller's no_grad: nothing to keep
         x_src, x_dst = computed if computed is not None else source_fn(*sources)
         rel = neighbor_max(x_src, index, k)[0].sub_(x_dst)
-        return grouped_linear(torch.stack([x_dst, rel], dim=-1).flatten(1), weight, bias, groups)
+        return grouped_linear(_interleave(x_dst, rel), weight, bias, groups)
     return _MaxRelativeLinear.apply(None, None, index, k, weight, bias, groups, source_fn, *sources)
 
 
@@ -174,7 +179,7 @@ class MRConv(ViGConv):
             rel = rel - x_dst if rel.requires_grad else rel.sub_(x_dst)
         else:
             rel = self.propagate(edge_index, x=(x_src, x_dst))
-        h = torch.stack([x_dst, rel], dim=-1).flatten(1)  # (N, 2C) as [x_0, m_0, x_1, m_1, ...]
+        h = _interleave(x_dst, rel)
         return self.nn(h, pre_norm=pre_norm)
 
     def message(self, x_i: Tensor, x_j: Tensor) -> Tensor:
