@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import RESULTS, environment, median_time, paired_speedup, paired_times, write_csv
+from vig_pyg import kernels
 from vig_pyg.graph import knn_graph
-from vig_pyg.graph.select import kernel_available
 from vig_pyg.nn import EdgeConv, GINConv, GraphSAGE, MRConv
-from vig_pyg.nn.aggr import gather_neighbors, neighbor_max
+from vig_pyg.nn.mr import max_relative
 
 # (label, query nodes, key nodes, channels) of the Graphers in the official models.
 KNN_SIZES = [
@@ -115,7 +115,7 @@ SELECT_SIZES = [
 
 def bench_select(batch: int, quick: bool) -> list[dict[str, object]]:
     """The kNN's top-k selection: torch.topk against the compiled kernel (vig_pyg.graph.select)."""
-    if not kernel_available():
+    if not kernels.available():
         return []
     rows = []
     for label, n, m, kd in SELECT_SIZES[:2] if quick else SELECT_SIZES:
@@ -139,28 +139,34 @@ def bench_select(batch: int, quick: bool) -> list[dict[str, object]]:
 
 
 def bench_gather_max(batch: int, quick: bool) -> list[dict[str, object]]:
-    """MR's neighbour max: one (N, k, C) gather against cache-sized row blocks (vig_pyg.nn.aggr)."""
+    """MR's aggregation, ``[x, max_j x_j - x]`` interleaved: one (N, k, C) gather and amax against
+    cache-sized row blocks (``vig_pyg.nn.aggr``, the PyTorch path) and against the compiled kernel."""
     rows = []
     for label, n, m, c in KNN_SIZES[:2] if quick else KNN_SIZES[:4]:
-        x = torch.randn(batch * m, c)
-        ei = torch.stack(
-            [torch.randint(0, batch * m, (batch * n * 9,)), torch.arange(batch * n).repeat_interleave(9)]
-        )
-        base_ms, new_ms, speedup = _compare(
-            lambda x=x, ei=ei: gather_neighbors(x, ei, 9).amax(dim=1),
-            lambda x=x, ei=ei: neighbor_max(x, ei[0], 9),
-            quick,
-        )
-        rows.append(
-            {
-                "op": "max over 9 neighbours",
-                "size": label,
-                "batch": batch,
-                "whole_ms": base_ms,
-                "blocks_ms": new_ms,
-                "speedup": speedup,
-            }
-        )
+        x_src, x_dst = torch.randn(batch * m, c), torch.randn(batch * n, c)
+        index = torch.randint(0, batch * m, (batch * n * 9,))
+
+        def one_gather(x_src=x_src, x_dst=x_dst, index=index) -> torch.Tensor:
+            best = x_src.index_select(0, index).view(-1, 9, x_src.size(1)).amax(dim=1)
+            return torch.stack([x_dst, best.sub_(x_dst)], dim=-1).flatten(1)  # [x_0, m_0, x_1, ...]
+
+        def blocks(x_src=x_src, x_dst=x_dst, index=index) -> torch.Tensor:
+            with kernels.disabled():
+                return max_relative(x_src, x_dst, index, 9)[0]
+
+        impls = {"one_gather": one_gather, "blocks": blocks}
+        if kernels.available():
+            impls["kernel"] = lambda x_src=x_src, x_dst=x_dst, index=index: max_relative(
+                x_src, x_dst, index, 9
+            )
+        times = paired_times(impls, warmup=1, repeats=3 if quick else 7)
+        row: dict[str, object] = {"op": "MR aggregation, 9 neighbours", "size": label, "batch": batch}
+        for name in impls:
+            row[f"{name}_ms"] = round(statistics.median(times[name]) * 1e3, 3)
+        for name in ("blocks", "kernel"):
+            if name in times:
+                row[f"{name}_speedup"] = round(paired_speedup(times["one_gather"], times[name]), 2)
+        rows.append(row)
     return rows
 
 
@@ -198,8 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     if not select_rows:
         print("top-k selection kernel not built (vig-pyg kernels --build): its rows are left out")
     for r in max_rows:
-        print(f"{r['size']:>22}: {r['op']}: whole {r['whole_ms']:7.2f} ms  blocks {r['blocks_ms']:7.2f} ms  "
-              f"x{r['speedup']}")  # fmt: skip
+        kernel = f"  kernel {r['kernel_ms']:7.2f} ms x{r['kernel_speedup']}" if "kernel_ms" in r else ""
+        print(f"{r['size']:>22}: {r['op']}: one gather {r['one_gather_ms']:7.2f} ms  "
+              f"blocks {r['blocks_ms']:7.2f} ms x{r['blocks_speedup']}{kernel}")  # fmt: skip
 
 
 if __name__ == "__main__":

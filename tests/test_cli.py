@@ -210,11 +210,11 @@ def test_python_dash_m_runs_the_cli(tmp_path: Path) -> None:
 
 
 def test_kernels_reports_and_builds(capsys: pytest.CaptureFixture[str]) -> None:
-    from vig_pyg.graph.select import kernel_available
+    from vig_pyg import kernels
 
     assert main(["kernels"]) == 0
     state = capsys.readouterr().out
-    assert ("loaded" in state) == kernel_available()
-    if kernel_available():  # already built: --build only loads it
+    assert ("loaded" in state) == kernels.available()
+    if kernels.available():  # already built: --build only loads it
         assert main(["kernels", "--build"]) == 0
         assert "ready" in capsys.readouterr().out

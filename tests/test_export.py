@@ -84,7 +84,7 @@ def test_torch_export(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # Exported programs select with torch.topk. Eager here too: these random full-size models blow their
     # features up until scores tie exactly, and ties are ordered by the compiled kernel (earlier key
     # first) and by torch.topk (unspecified) differently.
-    monkeypatch.setattr(vig_pyg.graph.select, "_loaded", False)
+    monkeypatch.setattr(vig_pyg.kernels, "_loaded", False)
     model = vig_pyg.create_model(name).eval()
     x = torch.randn(1, 3, 96, 96) if name not in TEST_MODELS else torch.randn(2, 3, *model.img_size)
     program = torch.export.export(model, (x,))

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vig_pyg import kernels
 from vig_pyg.layers.common import ConvNorm
 from vig_pyg.nn import aggr
 from vig_pyg.nn.aggr import _first_argmax, neighbor_max
@@ -14,6 +15,7 @@ from vig_pyg.nn.mlp import GroupedMLP, activate, fold_pays
 
 
 def test_blocked_neighbor_max_equals_one_gather(monkeypatch) -> None:
+    monkeypatch.setattr(kernels, "_loaded", False)  # the PyTorch path, in blocks
     monkeypatch.setattr(aggr, "_BLOCK_ELEMENTS", 64)  # many blocks, with a ragged last one
     monkeypatch.setattr(aggr, "_WHOLE_MAX_ELEMENTS", 0)
     x = torch.randint(-3, 3, (50, 7)).float()  # ties between neighbours

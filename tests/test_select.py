@@ -6,12 +6,13 @@ import pytest
 import torch
 
 import vig_pyg.graph.select as select
+from vig_pyg import kernels
 from vig_pyg.graph import knn_graph
 from vig_pyg.graph.knn import dense_knn
 
 kernel = pytest.mark.skipif(
-    not select.kernel_available(),
-    reason="selection kernel not built: run `vig-pyg kernels --build` (make does)",
+    not kernels.available(),
+    reason="compiled kernels not built: run `vig-pyg kernels --build` (make does)",
 )
 
 
@@ -101,10 +102,10 @@ def test_dense_search_same_with_and_without_kernel(monkeypatch: pytest.MonkeyPat
     y = torch.randn(2, 40, 16)
     bias = torch.rand(150, 40)
     with_kernel = dense_knn(x, y, 9, bias)
-    monkeypatch.setattr(select, "_loaded", False)
+    monkeypatch.setattr(kernels, "_loaded", False)
     assert torch.equal(dense_knn(x, y, 9, bias), with_kernel)
     monkeypatch.undo()
-    assert select.kernel_available()
+    assert kernels.available()
 
 
 @kernel

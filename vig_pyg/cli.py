@@ -252,21 +252,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_kernels(args: argparse.Namespace) -> int:
-    from vig_pyg.graph.select import build_kernel, kernel_available
+    from vig_pyg import kernels
 
     if args.build:
         try:
-            path = build_kernel(verbose=args.verbose)
+            path = kernels.build(verbose=args.verbose)
         except (OSError, RuntimeError, subprocess.CalledProcessError) as err:
             print(
                 f"vig-pyg kernels: the build failed ({one_line(err)}); vig_pyg works without it",
                 file=sys.stderr,
             )
             return 1
-        print(f"top-k selection kernel: ready ({path})")
+        print(f"compiled kernels (kNN top-k, neighbour max): ready ({path})")
     else:
-        state = "loaded" if kernel_available() else "not built (vig-pyg kernels --build compiles it)"
-        print(f"top-k selection kernel: {state}")
+        state = "loaded" if kernels.available() else "not built (vig-pyg kernels --build compiles them)"
+        print(f"compiled kernels (kNN top-k, neighbour max): {state}")
     return 0
 
 
@@ -396,9 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "kernels",
-        help="build or check the optional compiled CPU kernel (kNN top-k)",
-        description="The optional compiled top-k kernel of the dense kNN search: its state, or --build it "
-        "for the installed torch (needs a C++ compiler and ninja; about 15 s).",
+        help="build or check the optional compiled CPU kernels (kNN top-k, neighbour max)",
+        description="The optional compiled CPU kernels (the dense kNN's top-k, MRConv's neighbour max): "
+        "their state, or --build them for the installed torch (needs a C++ compiler and ninja; about 30 s).",
     )
     p.add_argument("--build", action="store_true", help="compile it now (kept in ~/.cache/vig_pyg/ops)")
     _common(p)

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from vig_pyg import kernels
 from vig_pyg.nn.aggr import check_k_regular, gather_max, neighbor_max
 from vig_pyg.nn.base import PairTensor, ViGConv
 from vig_pyg.nn.mlp import GroupedMLP, grouped_linear
@@ -28,6 +29,23 @@ def _interleave(x_dst: Tensor, rel: Tensor) -> Tensor:
     return torch.stack([x_dst, rel], dim=-1).flatten(1)
 
 
+def max_relative(
+    x_src: Tensor, x_dst: Tensor, index: Tensor, k: int, positions: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """MR's interleaved ``(N, 2C)`` linear input ``[x_dst, max_j x_src[j] - x_dst]`` for the ``k``
+    target-sorted sources ``index`` of every target, and with ``positions`` the first winner of every max
+    (uint8, see :func:`vig_pyg.nn.aggr.neighbor_max`). No autograd.
+
+    On CPU the compiled kernel (:mod:`vig_pyg.kernels`) writes it in one pass; elsewhere it is
+    ``neighbor_max``, a subtraction and an interleaving copy.
+    """
+    if k <= 256 and x_src.dtype == x_dst.dtype and kernels.usable(x_src, x_dst):
+        h, pos = torch.ops.vig_pyg.max_relative(x_src, x_dst, index, k, positions)
+        return h, pos if positions else None
+    best, pos = neighbor_max(x_src, index, k, positions)
+    return _interleave(x_dst, best.sub_(x_dst)), pos
+
+
 class _MaxRelativeLinear(torch.autograd.Function):
     """``lin([x_dst, max_j x_src[j] - x_dst] interleaved)`` keeping for backward only the inputs and the
     winners' positions (uint8): the ``(N, 2C)`` input of the linear layer is rebuilt there from one
@@ -41,8 +59,7 @@ class _MaxRelativeLinear(torch.autograd.Function):
     def forward(ctx, x_src, x_dst, index, k, weight, bias, groups, source_fn, *source_inputs):  # type: ignore[override]
         if source_fn is not None:
             x_src, x_dst = source_fn(*source_inputs)
-        best, pos = neighbor_max(x_src, index, k, positions=True)  # (N, C) each
-        h = _interleave(x_dst, best.sub_(x_dst))
+        h, pos = max_relative(x_src, x_dst, index, k, positions=True)  # (N, 2C), (N, C)
         kept = source_inputs if source_fn is not None else (x_src, x_dst)
         ctx.save_for_backward(index, pos, weight, *kept)
         ctx.k, ctx.groups, ctx.has_bias, ctx.source_fn = k, groups, bias is not None, source_fn
@@ -81,8 +98,7 @@ def _replay(index, k, groups, source_fn, computed, num_sources, *tensors):
     sources, (weight, bias) = tensors[:num_sources], tensors[num_sources:]
     if not torch.is_grad_enabled():  # the first pass, under the caller's no_grad: nothing to keep
         x_src, x_dst = computed if computed is not None else source_fn(*sources)
-        rel = neighbor_max(x_src, index, k)[0].sub_(x_dst)
-        return grouped_linear(_interleave(x_dst, rel), weight, bias, groups)
+        return grouped_linear(max_relative(x_src, x_dst, index, k)[0], weight, bias, groups)
     return _MaxRelativeLinear.apply(None, None, index, k, weight, bias, groups, source_fn, *sources)
 
 
@@ -174,12 +190,15 @@ class MRConv(ViGConv):
                 x_src, x_dst, edge_index[0], k, lin.weight, lin.bias, lin.groups, None
             )
             return y if pre_norm else self.nn.norm_act(y)
-        if k is not None:
-            rel = gather_max(x_src, edge_index, k)  # (N, C)
-            rel = rel - x_dst if rel.requires_grad else rel.sub_(x_dst)
+        recording = torch.is_grad_enabled() and (x_src.requires_grad or x_dst.requires_grad)
+        if k is not None and not recording:
+            h = max_relative(x_src, x_dst, edge_index[0], k)[0]
         else:
-            rel = self.propagate(edge_index, x=(x_src, x_dst))
-        h = _interleave(x_dst, rel)
+            if k is not None:
+                rel = gather_max(x_src, edge_index, k) - x_dst  # (N, C)
+            else:
+                rel = self.propagate(edge_index, x=(x_src, x_dst))
+            h = _interleave(x_dst, rel)
         return self.nn(h, pre_norm=pre_norm)
 
     def message(self, x_i: Tensor, x_j: Tensor) -> Tensor:

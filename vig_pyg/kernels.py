@@ -1,0 +1,120 @@
+"""Optional compiled CPU kernels, built on the user's machine against the installed torch.
+
+Two steps of a ViG block are faster written as plain loops than as PyTorch ops on CPU:
+
+* ``torch.ops.vig_pyg.small_topk`` (``csrc/select.cpp``): the dense kNN's top-k for small ``k``
+  (:func:`vig_pyg.graph.select.topk_indices`);
+* ``torch.ops.vig_pyg.neighbor_max`` and ``torch.ops.vig_pyg.max_relative`` (``csrc/aggregate.cpp``):
+  MRConv's max over each node's neighbours, reduced without materialising the ``(N, k, C)`` neighbour
+  tensor, and MR's interleaved ``[x, max - x]`` input written in the same pass
+  (:func:`vig_pyg.nn.aggr.neighbor_max`, :class:`vig_pyg.nn.MRConv`).
+
+``vig-pyg kernels --build`` (which ``make`` runs) compiles them into one library in
+``~/.cache/vig_pyg/ops/torch-<version>/`` (``VIG_PYG_OPS_DIR`` overrides the root), keyed by a hash of the
+sources so that an edited kernel is never confused with an old build. It needs a C++ compiler and ninja
+(the ``kernels`` extra). Without the library, on GPU, for float16/bfloat16, while autograd records, or
+while ``torch.compile``/``torch.export``/FX capture the model, every caller takes its PyTorch path:
+results are the same either way (see each caller for the one documented difference, tie order in
+``topk``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from vig_pyg.tracing import is_tracing
+
+__all__ = ["available", "build", "disabled", "library_path", "usable"]
+
+_SOURCES = tuple(Path(__file__).resolve().parent / "csrc" / name for name in ("select.cpp", "aggregate.cpp"))
+_OPS = ("small_topk", "neighbor_max", "max_relative")
+_loaded: bool | None = None  # None: not looked for yet
+_enabled = True
+
+
+def _library_name() -> str:
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in _SOURCES)).hexdigest()[:12]
+    return f"vig_pyg_ops_{digest}"
+
+
+def _build_dir() -> Path:
+    root = Path(os.environ.get("VIG_PYG_OPS_DIR", Path.home() / ".cache" / "vig_pyg" / "ops"))
+    return root / f"torch-{torch.__version__}"
+
+
+def library_path() -> Path:
+    """Where the library for these sources and the installed torch is (or would be) kept."""
+    return _build_dir() / f"{_library_name()}.so"
+
+
+def available() -> bool:
+    """Whether the compiled kernels are loaded (loading them on first call if they were built)."""
+    global _loaded
+    if _loaded is None:
+        _loaded = all(hasattr(torch.ops.vig_pyg, op) for op in _OPS)
+        path = library_path()
+        if not _loaded and path.exists():
+            try:
+                torch.ops.load_library(str(path))
+                _loaded = True
+            except OSError:  # built for another torch or machine: the PyTorch paths are used
+                _loaded = False
+    return _loaded
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the kernels for the installed torch (about 20 s) and load them; returns the library path.
+
+    Only loads them when these sources were already built. Raises what ``torch.utils.cpp_extension``
+    raises when no compiler or ninja is found.
+    """
+    global _loaded
+    if available():
+        return library_path()
+    from torch.utils import cpp_extension
+
+    directory = _build_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name=_library_name(),
+        sources=[str(path) for path in _SOURCES],
+        build_directory=str(directory),
+        extra_cflags=["-O3", "-fopenmp"],  # OpenMP: at::parallel_for splits rows over torch's threads
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=verbose,
+    )
+    _loaded = True
+    return library_path()
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Run the PyTorch paths instead of the compiled kernels inside this block (to compare or debug)."""
+    global _enabled
+    previous, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+def usable(*tensors: Tensor) -> bool:
+    """Whether the kernels can stand in for the PyTorch path on these inputs: CPU float32/float64
+    tensors that autograd does not record, in eager mode, with the library loaded and no
+    :func:`disabled` block active."""
+    recording = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return (
+        _enabled
+        and not recording
+        and all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors)
+        and not is_tracing()
+        and available()
+    )
