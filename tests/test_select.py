@@ -41,8 +41,9 @@ def test_kernel_batched_and_strided_input() -> None:
 
 @kernel
 def test_kernel_ties_keep_order_of_appearance() -> None:
-    score = torch.randint(0, 4, (500, 60)).float()  # many exact ties
-    for k in (9, 30):  # the insertion scan and the partition
+    heavy = torch.randint(0, 4, (500, 60)).float()  # ties everywhere: many candidates, partitioned
+    light = torch.randn(500, 196).mul(8).round()  # some ties among the few candidates, sorted by insertion
+    for score, k in [(heavy, 9), (heavy, 30), (light, 9), (light, 27)]:
         out = small_topk(score, k)
         assert torch.equal(score.gather(1, out), torch.topk(score, k, dim=-1).values)
         vals = score.gather(1, out)
