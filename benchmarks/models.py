@@ -6,15 +6,18 @@
 For each variant both implementations get the same weights (converted from the reference's official
 layout); each is timed for the eval forward (and with ``--train`` a training step: forward, backward,
 AdamW step) with warm-up, the two implementations called in turn, and the speed-up taken as the
-median of the per-round ratios. Peak memory (``*_peak_mb``): on CPU (Linux) measured in a fresh process
-per model as the peak growth of the bytes the allocator holds for the program over one call (with the
-resident-set growth beside it, ``*_rss_mb``; see :func:`peak_memory_mb`); on CUDA the allocator's peak
-above what was allocated before the call.
+median of the per-round ratios. Every (model, size, batch) runs in a fresh process: on CPU a model's
+speed depends on the state the allocator was left in (measured: pvig_s eval at 2.5x after pvig_ti's
+training step in the same process, 3.5x on its own). Peak memory (``*_peak_mb``): on CPU (Linux)
+measured in another fresh process per model as the peak growth of the bytes the allocator holds for
+the program over one call (with the resident-set growth beside it, ``*_rss_mb``; see
+:func:`peak_memory_mb`); on CUDA the allocator's peak above what was allocated before the call.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import subprocess
 import sys
@@ -256,7 +259,10 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.models:
         for size in args.size:
             for batch in args.batch:
-                for row in bench_model(name, batch, size, args.train, args.quick, device, dtype):
+                config = (name, batch, size, args.train, args.quick, device, dtype)
+                with multiprocessing.get_context("spawn").Pool(1) as fresh:  # see the module docstring
+                    config_rows = fresh.apply(bench_model, config)
+                for row in config_rows:
                     rows.append({**row, **env})
                     print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     out = args.out or RESULTS / f"models_{device.type}.csv"

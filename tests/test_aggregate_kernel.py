@@ -169,3 +169,20 @@ def test_gather_max_gradient_same_with_and_without_kernels() -> None:
     with kernels.disabled():
         without = torch.autograd.grad(gather_max(x, edge_index, 5), x, grad_out)[0]
     assert torch.equal(without, with_kernels)
+
+
+@kernel
+def test_usable_only_where_the_kernels_apply() -> None:
+    x = torch.randn(4, 3)
+    assert kernels.usable(x) and kernels.usable(x.double())
+    assert not kernels.usable(x.bfloat16()) and not kernels.usable(x, x.half())
+    leaf = x.clone().requires_grad_()
+    assert not kernels.usable(leaf)  # autograd records: the PyTorch path keeps the graph
+    with torch.no_grad():
+        assert kernels.usable(leaf)
+    with kernels.disabled():
+        assert not kernels.usable(x)
+        with kernels.disabled():
+            pass
+        assert not kernels.usable(x)  # nested blocks restore the outer state
+    assert kernels.usable(x)
