@@ -30,8 +30,9 @@ test: $(STAMP) lint kernels
 test-slow: $(STAMP) kernels
 	$(PY) -m pytest -q -m slow --runslow
 
-# The optional compiled CPU kernel (kNN top-k), built for this torch into ~/.cache/vig_pyg/ops once per
-# source version (about 15 s; afterwards this only loads it). ninja comes from the venv.
+# The optional compiled CPU kernels (kNN top-k, neighbour max), built for this torch into
+# ~/.cache/vig_pyg/ops once per source version (about 20 s; afterwards this only loads them). ninja comes
+# from the venv.
 kernels: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) -m vig_pyg kernels --build
 
