@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import statistics
 import subprocess
 import sys
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from dense_reference import REFERENCE_VARIANTS, DenseDilatedKnnGraph, build_reference
 
 import vig_pyg
+from vig_pyg import kernels
 from vig_pyg.graph.dynamic import GridKNNGraph
 from vig_pyg.models import convert_official
 
@@ -250,11 +252,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--no-kernels",
+        action="store_true",
+        help="vig_pyg without its compiled CPU kernels (VIG_PYG_NO_KERNELS=1): the PyTorch paths",
+    )
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.no_kernels:
+        os.environ["VIG_PYG_NO_KERNELS"] = "1"  # inherited by the fresh processes below
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    env = environment()
+    env = {"kernels": "off" if args.no_kernels or not kernels.available() else "on", **environment()}
     rows = []
     for name in args.models:
         for size in args.size:

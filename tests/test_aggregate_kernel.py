@@ -3,6 +3,10 @@ around them (MRConv, gather_max) with and without them."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -186,3 +190,13 @@ def test_usable_only_where_the_kernels_apply() -> None:
             pass
         assert not kernels.usable(x)  # nested blocks restore the outer state
     assert kernels.usable(x)
+
+
+def test_environment_variable_keeps_the_kernels_unloaded() -> None:
+    code = (
+        "import torch, vig_pyg.kernels as k; "
+        "print(k.available(), hasattr(torch.ops.vig_pyg, 'max_relative'))"
+    )
+    env = {**os.environ, "VIG_PYG_NO_KERNELS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]

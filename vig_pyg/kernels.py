@@ -55,8 +55,14 @@ def library_path() -> Path:
 
 
 def available() -> bool:
-    """Whether the compiled kernels are loaded (loading them on first call if they were built)."""
+    """Whether the compiled kernels are loaded (loading them on first call if they were built).
+
+    ``VIG_PYG_NO_KERNELS=1`` in the environment keeps them unloaded, for a whole process and the
+    processes it starts (``disabled()`` is the in-process switch).
+    """
     global _loaded
+    if _loaded is None and os.environ.get("VIG_PYG_NO_KERNELS", "") not in ("", "0"):
+        _loaded = False
     if _loaded is None:
         _loaded = all(hasattr(torch.ops.vig_pyg, op) for op in _OPS)
         path = library_path()
