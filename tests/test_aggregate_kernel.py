@@ -194,8 +194,7 @@ def test_usable_only_where_the_kernels_apply() -> None:
 
 def test_environment_variable_keeps_the_kernels_unloaded() -> None:
     code = (
-        "import torch, vig_pyg.kernels as k; "
-        "print(k.available(), hasattr(torch.ops.vig_pyg, 'max_relative'))"
+        "import torch, vig_pyg.kernels as k; print(k.available(), hasattr(torch.ops.vig_pyg, 'max_relative'))"
     )
     env = {**os.environ, "VIG_PYG_NO_KERNELS": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
