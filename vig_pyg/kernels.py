@@ -33,14 +33,17 @@ from vig_pyg.tracing import is_tracing
 
 __all__ = ["available", "build", "disabled", "library_path", "usable"]
 
-_SOURCES = tuple(Path(__file__).resolve().parent / "csrc" / name for name in ("select.cpp", "aggregate.cpp"))
+_CSRC = Path(__file__).resolve().parent / "csrc"
+_SOURCES = (_CSRC / "select.cpp", _CSRC / "aggregate.cpp")
+_HEADERS = (_CSRC / "vectorize.h",)
 _OPS = ("small_topk", "neighbor_max", "max_relative")
 _loaded: bool | None = None  # None: not looked for yet
 _enabled = True
 
 
 def _library_name() -> str:
-    digest = hashlib.sha256(b"".join(path.read_bytes() for path in _SOURCES)).hexdigest()[:12]
+    # Keyed by the sources and headers, so that an edited kernel is never confused with an old build.
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES + _HEADERS)).hexdigest()[:12]
     return f"vig_pyg_ops_{digest}"
 
 

@@ -12,18 +12,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "vectorize.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
 
-// The channel loops are compiled twice on x86-64 with GCC, for AVX2 and for the baseline, and the
-// loader picks one for the running CPU (measured 1.3x-1.6x for AVX2 here). Elsewhere: baseline only.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define VIG_PYG_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define VIG_PYG_CLONES
-#endif
 
 namespace {
 

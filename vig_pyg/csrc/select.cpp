@@ -15,6 +15,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "vectorize.h"
+
 #include <algorithm>
 #include <cmath>
 #include <functional>
@@ -22,13 +24,6 @@
 #include <utility>
 #include <vector>
 
-// The vectorised loops are compiled twice on x86-64 with GCC, for AVX2 and for the baseline, and the
-// loader picks one for the running CPU. Elsewhere: baseline only.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define VIG_PYG_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define VIG_PYG_CLONES
-#endif
 
 namespace {
 

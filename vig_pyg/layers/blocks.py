@@ -13,6 +13,7 @@ from vig_pyg.graph.bridge import image_to_nodes, nodes_to_image
 from vig_pyg.graph.dynamic import GridKNNGraph
 from vig_pyg.graph.knn import KNNMethod
 from vig_pyg.layers.common import ConvNorm, DropPath
+from vig_pyg.nn.aggr import MAX_K_POSITIONS
 from vig_pyg.nn.mlp import activate, make_activation, residual_add
 from vig_pyg.nn.mr import MRConv
 from vig_pyg.nn.recompute import batch_norm_once, can_recompute, norm_act_linear
@@ -97,7 +98,8 @@ class Grapher(nn.Module):
         shortcut = x
         b, _, h, w = x.shape
         conv = self.graph_conv
-        if isinstance(conv, MRConv) and self.knn.k <= 256 and can_recompute(x, conv.nn.norm, conv.nn.act):
+        bytes_hold_winners = self.knn.k <= MAX_K_POSITIONS
+        if isinstance(conv, MRConv) and bytes_hold_winners and can_recompute(x, conv.nn.norm, conv.nn.act):
             x = self._train_mr(x, b, h, w)
         else:
             nodes = image_to_nodes(self.fc1(x))  # (B*H*W, C)

@@ -22,7 +22,10 @@ from torch.autograd.function import once_differentiable
 from vig_pyg import kernels
 from vig_pyg.tracing import is_tracing
 
-__all__ = ["check_k_regular", "gather_max", "gather_neighbors", "neighbor_max"]
+__all__ = ["MAX_K_POSITIONS", "check_k_regular", "gather_max", "gather_neighbors", "neighbor_max"]
+
+# The winner of every max is kept as a byte: up to this many neighbours.
+MAX_K_POSITIONS = 256
 
 # Output elements per block of rows in neighbor_max (the block's neighbours: k times as many).
 _BLOCK_ELEMENTS = 1 << 16
@@ -72,7 +75,7 @@ def neighbor_max(
     take more than 16 MB; in one piece otherwise, on GPU (where many small launches cost more than the
     memory traffic) and when captured by ``torch.compile`` or ``torch.export``, which fuse it themselves.
     """
-    if k <= 256 and kernels.usable(x_src):
+    if k <= MAX_K_POSITIONS and kernels.usable(x_src):
         best, pos = torch.ops.vig_pyg.neighbor_max(x_src, index, k, positions)
         return best, pos if positions else None
     c = x_src.size(-1)
@@ -125,6 +128,6 @@ def gather_max(x_src: Tensor, edge_index: Tensor, k: int) -> Tensor:
     """
     if not (torch.is_grad_enabled() and x_src.requires_grad):
         return neighbor_max(x_src, edge_index[0], k)[0]
-    if k <= 256:
+    if k <= MAX_K_POSITIONS:
         return _GatherMax.apply(x_src, edge_index[0], k)
     return gather_neighbors(x_src, edge_index, k).amax(dim=1)

@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from vig_pyg import kernels
-from vig_pyg.nn.aggr import check_k_regular, gather_max, neighbor_max
+from vig_pyg.nn.aggr import MAX_K_POSITIONS, check_k_regular, gather_max, neighbor_max
 from vig_pyg.nn.base import PairTensor, ViGConv
 from vig_pyg.nn.mlp import GroupedMLP, grouped_linear
 from vig_pyg.nn.recompute import (
@@ -39,7 +39,7 @@ def max_relative(
     On CPU the compiled kernel (:mod:`vig_pyg.kernels`) writes it in one pass; elsewhere it is
     ``neighbor_max``, a subtraction and an interleaving copy.
     """
-    if k <= 256 and x_src.dtype == x_dst.dtype and kernels.usable(x_src, x_dst):
+    if k <= MAX_K_POSITIONS and x_src.dtype == x_dst.dtype and kernels.usable(x_src, x_dst):
         h, pos = torch.ops.vig_pyg.max_relative(x_src, x_dst, index, k, positions)
         return h, pos if positions else None
     best, pos = neighbor_max(x_src, index, k, positions)
@@ -171,8 +171,10 @@ class MRConv(ViGConv):
         the maxima for its own backward, and replays ``source_fn`` there. ``computed``: the pair, if the
         caller already has it (then the first, no-autograd call uses it instead of running ``source_fn``).
         """
-        if not 1 <= k <= 256:
-            raise ValueError(f"replayable() needs 1 <= k <= 256 (the max positions are bytes), got k={k}")
+        if not 1 <= k <= MAX_K_POSITIONS:
+            raise ValueError(
+                f"replayable() needs 1 <= k <= {MAX_K_POSITIONS} (the max positions are bytes), got k={k}"
+            )
         check_k_regular(edge_index, edge_index.size(1) // k, k)
         lin = self.nn.lin
         fn = functools.partial(_replay, edge_index[0], k, lin.groups, source_fn, computed, len(source_inputs))
@@ -183,7 +185,7 @@ class MRConv(ViGConv):
     ) -> Tensor:
         x_src, x_dst = self._split(x, edge_index, k)
         lin = self.nn.lin
-        fused = k is not None and k <= 256  # positions of the max fit in a byte
+        fused = k is not None and k <= MAX_K_POSITIONS
         if fused and recompute_enabled(x_src, x_dst, lin.weight):
             # Training: the interleaved (N, 2C) input of the linear layer is rebuilt in backward.
             y = _MaxRelativeLinear.apply(
