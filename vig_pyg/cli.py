@@ -400,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="The optional compiled CPU kernels (the dense kNN's top-k, MRConv's neighbour max): "
         "their state, or --build them for the installed torch (needs a C++ compiler and ninja; about 30 s).",
     )
-    p.add_argument("--build", action="store_true", help="compile it now (kept in ~/.cache/vig_pyg/ops)")
+    p.add_argument("--build", action="store_true", help="compile them now (kept in ~/.cache/vig_pyg/ops)")
     _common(p)
     p.set_defaults(func=cmd_kernels)
     return parser
