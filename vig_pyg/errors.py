@@ -6,7 +6,15 @@ so every message says what is wrong and what to do about it.
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "DataError", "RunDirError", "UsageError", "one_line"]
+__all__ = [
+    "CheckpointError",
+    "DataError",
+    "OutputError",
+    "PeerError",
+    "RunDirError",
+    "UsageError",
+    "one_line",
+]
 
 
 class UsageError(Exception):
@@ -22,7 +30,15 @@ class CheckpointError(UsageError):
 
 
 class RunDirError(UsageError):
-    """An output directory that would be overwritten, or one with nothing to resume."""
+    """An output directory that would be overwritten, one with nothing to resume, or one in use."""
+
+
+class PeerError(UsageError):
+    """Another process of a distributed run stopped, so this one cannot go on."""
+
+
+class OutputError(UsageError):
+    """A file that cannot be written: a full disk, a read-only or missing folder, a folder in the way."""
 
 
 def one_line(err: BaseException) -> str:

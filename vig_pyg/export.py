@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
+from vig_pyg.files import atomic_path
 from vig_pyg.graph.dynamic import GridKNNGraph
 from vig_pyg.layers.blocks import FFN, Grapher
 from vig_pyg.layers.common import ConvNorm, DropPath
@@ -94,13 +95,13 @@ def export_onnx(
         ) from err
     path = Path(path)
     model = model.eval()
-    x = torch.randn(batch_size, *input_size)
+    # The example input only fixes shapes; a generator of its own leaves the caller's RNG state alone.
+    x = torch.randn(batch_size, *input_size, generator=torch.Generator().manual_seed(0))
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
-    tmp = path.with_name(path.name + ".tmp")
     program = torch.onnx.export(
         model, (x,), dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=opset, input_names=["images"],
         output_names=["logits"], verbose=False,
     )  # fmt: skip
-    program.save(str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        program.save(str(tmp))
     return path

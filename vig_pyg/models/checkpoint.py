@@ -24,9 +24,12 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from vig_pyg.files import atomic_write, state_digest
 from vig_pyg.graph.dynamic import GridKNNGraph
 
 __all__ = [
+    "CHECKSUM_KEY",
+    "CorruptFileError",
     "convert_official",
     "is_official_layout",
     "load_pretrained",
@@ -37,6 +40,14 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: safetensors metadata key of the SHA-256 of the tensors vig_pyg wrote (official files have none).
+CHECKSUM_KEY = "vig_pyg_sha256"
+
+
+class CorruptFileError(ValueError):
+    """A file whose contents no longer match the checksum written with it."""
+
 
 _BLOCK_RULES = [
     (r"grapher\.fc([12])\.conv\.(.+)", r"0.fc\1.0.\2"),
@@ -227,15 +238,17 @@ def load_state_dict_file(source: str | os.PathLike) -> dict[str, Tensor]:
             ) from err
     else:
         path = Path(src)
+        if path.is_dir():
+            raise FileNotFoundError(f"{path} is a folder, not a checkpoint file; pass the file inside it")
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} does not exist")
         try:
             if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
-                obj = load_file(str(path))
+                obj = _load_safetensors(path)
             else:
                 obj = torch.load(path, map_location="cpu", weights_only=True)
+        except CorruptFileError:
+            raise
         except Exception as err:  # a truncated or foreign file raises many kinds of errors
             raise ValueError(
                 f"{path} is not a readable checkpoint ({type(err).__name__}: {err}); it may be truncated "
@@ -302,12 +315,28 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike | Mapping[str, T
     return model
 
 
-def save_pretrained(model: nn.Module, path: str | os.PathLike) -> None:
-    """Write ``model``'s weights as safetensors (written to a temporary file, then renamed)."""
-    from safetensors.torch import save_file
+def _load_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    with safe_open(str(path), framework="pt") as f:
+        expected = (f.metadata() or {}).get(CHECKSUM_KEY)
+    tensors = load_file(str(path))
+    if expected is not None and state_digest(tensors) != expected:
+        raise CorruptFileError(
+            f"{path} is corrupt: its tensors do not match the checksum written with them; use another "
+            "copy of the file (or convert the official weights again)"
+        )
+    return tensors
+
+
+def save_pretrained(model: nn.Module, path: str | os.PathLike) -> None:
+    """Write ``model``'s weights as safetensors, with a checksum of the tensors that loading verifies.
+
+    Written to a temporary file, then renamed: an interrupted save leaves any earlier ``path`` intact.
+    """
+    from safetensors.torch import save
+
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
+    data = save(tensors, metadata={"format": "pt", CHECKSUM_KEY: state_digest(tensors)})
+    atomic_write(path, lambda f: f.write(data))
