@@ -148,12 +148,32 @@ def _broken_folder(root: Path, kind: str) -> Path:
         ("resume_truncated", "truncated"),
         ("visualize_nothing", "give a checkpoint"),
         ("too_small", "too small"),
+        ("k_zero", "k must be a positive int, got 0"),
+        ("img_size_zero", "img_size must be a positive int"),
+        ("workers_negative", "workers must be an integer >= 0"),
+        ("clip_grad_negative", "clip grad must be a positive gradient norm"),
+        ("eval_batch_zero", "batch size must be an integer >= 1"),
+        ("rank_not_a_number", "RANK='abc' is not a number"),
+        ("rank_without_torchrun", "RANK=1 is set but WORLD_SIZE is not"),
+        ("handmade_checkpoint", "lacks the entries 'model_name'"),
+        ("folder_as_checkpoint", "is a folder, not a checkpoint file"),
+        ("corrupt_checkpoint", "is corrupt"),
+        ("out_under_a_file", "cannot use"),
+        ("visualize_out_under_a_file", "is a file, not a folder"),
+        ("convert_dest_under_a_file", "is a file, not a folder"),
     ],
 )
 def test_errors_are_one_line_with_status_2(
-    capsys: pytest.CaptureFixture[str], files: dict[str, Path], tmp_path: Path, case: str, expected: str
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    files: dict[str, Path],
+    tmp_path: Path,
+    case: str,
+    expected: str,
 ) -> None:
     out_dir = tmp_path / "out"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
     argv: list = {
         "missing_data": ["train", "--data", tmp_path / "nope", "--out", out_dir],
         "truncated": ["eval", files["truncated"]],
@@ -162,7 +182,33 @@ def test_errors_are_one_line_with_status_2(
         "bare_without_model": ["eval", files["official"]],
         "visualize_nothing": ["visualize"],
         "too_small": ["train", "--out", out_dir, "--img-size", "20"],
-    }.get(case, [])
+        "k_zero": ["train", "--out", out_dir, "--k", "0"],
+        "img_size_zero": ["train", "--out", out_dir, "--img-size", "0"],
+        "workers_negative": ["train", "--out", out_dir, "--workers", "-1"],
+        "clip_grad_negative": ["train", "--out", out_dir, "--clip-grad", "-1"],
+        "eval_batch_zero": ["eval", files["run"] / "best.pt", "--batch-size", "0"],
+        "rank_not_a_number": ["train", "--out", out_dir],
+        "rank_without_torchrun": ["train", "--out", out_dir],
+        "folder_as_checkpoint": ["eval", files["run"]],
+        "out_under_a_file": ["train", "--out", a_file / "run", *TINY_ARGS],
+        "visualize_out_under_a_file": ["visualize", files["run"] / "best.pt", "--out", a_file / "g.png"],
+        "convert_dest_under_a_file": ["convert", files["official"], a_file / "w.safetensors", "--model",
+                                      "pvig_test", "--img-size", "33", "--k", "4"],
+    }.get(case, [])  # fmt: skip
+    if case == "rank_not_a_number":
+        monkeypatch.setenv("RANK", "abc")
+    elif case == "rank_without_torchrun":
+        monkeypatch.setenv("RANK", "1")
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    elif case == "handmade_checkpoint":
+        torch.save({"format": "vig_pyg-train-1", "model": {}}, tmp_path / "hand.pt")
+        argv = ["eval", tmp_path / "hand.pt"]
+    elif case == "corrupt_checkpoint":
+        ckpt = torch.load(files["run"] / "best.pt", weights_only=True)
+        key = next(iter(ckpt["model"]))
+        ckpt["model"][key] = ckpt["model"][key] + 1  # contents changed behind the checksum's back
+        torch.save(ckpt, tmp_path / "corrupt.pt")
+        argv = ["eval", tmp_path / "corrupt.pt"]
     if case == "empty_data":
         (tmp_path / "empty").mkdir()
         argv = ["train", "--data", tmp_path / "empty", "--out", out_dir]

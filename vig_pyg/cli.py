@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import io
 import json
 import logging
-import os
+import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from vig_pyg.errors import DataError, UsageError, one_line
+from vig_pyg.torchrun import env_rank
 
 __all__ = ["main"]
 
@@ -134,12 +136,47 @@ def cmd_train(args: argparse.Namespace) -> int:
     explicit = set(values)
     values.setdefault("model", DEFAULT_MODEL)
     values.setdefault("out_dir", _default_out(values["model"], values.get("data")))
-    result = train(TrainConfig(**values), explicit=explicit)
-    if int(os.environ.get("RANK", "0")) == 0:
+    args.out = values["out_dir"]  # for the resume hint after an interruption
+    with _signals_interrupt((signal.SIGTERM, signal.SIGHUP)):
+        result = train(TrainConfig(**values), explicit=explicit)
+    if env_rank() == 0:
         if result.epochs_done:
-            print(f"checkpoints: {result.best_checkpoint} (best), {result.last_checkpoint} (last)")
-        print(f"best val top-1: {result.best_top1:.1f}%")
+            files = [f"{result.last_checkpoint} (last)"]
+            if result.best_epoch:
+                files.insert(0, f"{result.best_checkpoint} (best, epoch {result.best_epoch})")
+            print(f"checkpoints: {', '.join(files)}")
+        print(f"best val top-1: {result.best_top1:.1f}%" if result.best_epoch else "no epoch scored")
     return 0
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (SIGTERM, SIGHUP), handled like Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_interrupt(signums: Sequence[int]) -> Iterator[None]:
+    """Turn ``signums`` into :class:`Interrupted` while the block runs: a clean stop, like Ctrl-C.
+
+    Training files are written atomically, so stopping at any point leaves every file whole.
+    """
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    available = [s for s in signums if hasattr(signal, signal.Signals(s).name)]
+    try:
+        previous = {s: signal.signal(s, handler) for s in available}
+    except ValueError:  # not the main thread: leave the signals alone
+        previous = {}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -187,11 +224,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_visualize(args: argparse.Namespace) -> int:
-    from PIL import Image
-
-    from vig_pyg.data import check_image, load_digits_split
+    from vig_pyg.data import load_digits_split, open_image
+    from vig_pyg.files import atomic_write_bytes
     from vig_pyg.models import create_model
-    from vig_pyg.train.checkpoint import atomic_write_bytes, default_preprocessing, load_model
+    from vig_pyg.train.checkpoint import default_preprocessing, load_model
     from vig_pyg.viz import visualize_graph
 
     if args.checkpoint is None and args.model is None:
@@ -208,9 +244,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         name, pre = args.model, default_preprocessing(args.model, model)
         what = f"{name} (untrained)"
     if args.image is not None:
-        check_image(args.image)
-        with Image.open(args.image) as img:
-            image: Any = img.convert("RGB")
+        image: Any = open_image(args.image)
         what += f" on {Path(args.image).name}"
     else:
         _, val = load_digits_split(pre.size)
@@ -407,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(args: argparse.Namespace) -> None:
-    rank = int(os.environ.get("RANK", "0"))
+    rank = env_rank()
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet or rank != 0 else logging.INFO
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s" if rank == 0 else f"[rank {rank}] %(message)s"))
@@ -420,23 +454,31 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``vig-pyg``; returns the exit status (0 ok, 2 a usage error, 130 interrupted)."""
+    """Run ``vig-pyg``; returns the exit status (0 ok, 1 a file error, 2 a usage error, 128 + the signal
+    number when stopped by a signal: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args)
-    rank = int(os.environ.get("RANK", "0"))
-    prefix = (
-        f"vig-pyg {args.command}: error: " if rank == 0 else f"[rank {rank}] vig-pyg {args.command}: error: "
-    )
+    rank = env_rank()
+    where = f"[rank {rank}] vig-pyg {args.command}" if rank else f"vig-pyg {args.command}"
     try:
         return int(args.func(args))
     except UsageError as err:
-        print(prefix + one_line(err), file=sys.stderr)
+        print(f"{where}: error: {one_line(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        hint = "; continue with --resume" if args.command == "train" else ""
-        print(f"vig-pyg {args.command}: interrupted{hint}", file=sys.stderr)
-        return 130
+    except OSError as err:  # a file the library does not write itself (an input, a download cache, ...)
+        if args.verbose:
+            raise
+        print(f"{where}: error: {one_line(err)} (run with -v for the traceback)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as err:
+        signum = err.signum if isinstance(err, Interrupted) else signal.SIGINT
+        how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        hint = ""
+        if args.command == "train":
+            hint = f"; continue with: vig-pyg train --out {args.out} --resume (plus the same options)"
+        print(f"{where}: {how}{hint}", file=sys.stderr)
+        return 128 + int(signum)
 
 
 if __name__ == "__main__":

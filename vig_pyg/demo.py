@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from vig_pyg.data import load_digits_split
     from vig_pyg.data.transforms import batch_transform
+    from vig_pyg.files import atomic_write_bytes
     from vig_pyg.train import TrainConfig, load_model, train
-    from vig_pyg.train.checkpoint import atomic_write_bytes
     from vig_pyg.viz import visualize_graph
 
     handler = logging.StreamHandler(sys.stdout)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from vig_pyg.data.transforms import Preprocessing
 from vig_pyg.errors import CheckpointError, UsageError
+from vig_pyg.files import atomic_write, state_digest
 from vig_pyg.models import (
     create_model,
     get_pretrained_cfg,
@@ -29,11 +30,11 @@ from vig_pyg.models import (
     load_state_dict_file,
     save_pretrained,
 )
+from vig_pyg.models.checkpoint import CorruptFileError
 
 __all__ = [
     "FORMAT",
     "CheckpointInfo",
-    "atomic_write_bytes",
     "capture_rng_state",
     "convert_checkpoint",
     "load_checkpoint",
@@ -46,33 +47,30 @@ log = logging.getLogger(__name__)
 
 #: Marks a vig_pyg training checkpoint (as opposed to a bare state dict).
 FORMAT = "vig_pyg-train-1"
-
-
-def _tmp_path(path: Path) -> Path:
-    # Same directory, so that os.replace is an atomic rename on the same file system.
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+#: The entry holding the SHA-256 of everything else in a training checkpoint (:func:`state_digest`).
+CHECKSUM = "checksum"
+# What every training checkpoint holds (enough to rebuild and use the model), and what resuming needs too.
+_MODEL_ENTRIES = (
+    "model_name",
+    "model_kwargs",
+    "num_classes",
+    "class_names",
+    "preprocessing",
+    "model",
+    "epoch",
+)
+_RESUME_ENTRIES = ("optimizer", "scheduler", "rng", "config", "history", "best_top1", "best_epoch")
 
 
 def save_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file, then rename: a crash never leaves a half-written ``path``."""
-    path = Path(path)
-    tmp = _tmp_path(path)
-    try:
-        torch.save(dict(obj), tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """``torch.save`` with a checksum of the contents, written atomically (:func:`atomic_write`).
 
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temporary file, then rename it to ``path``."""
-    path = Path(path)
-    tmp = _tmp_path(path)
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    Raises:
+        OutputError: the file could not be written; an earlier ``path`` is intact.
+    """
+    state = {k: v for k, v in obj.items() if k != CHECKSUM}
+    state[CHECKSUM] = state_digest(state)
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def _read_error(path: Path, err: BaseException) -> CheckpointError:
@@ -85,24 +83,60 @@ def _read_error(path: Path, err: BaseException) -> CheckpointError:
     )
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a training checkpoint written by :func:`save_checkpoint` (``weights_only=True``).
-
-    Raises:
-        CheckpointError: the file is missing, unreadable (e.g. truncated) or not a training checkpoint.
-    """
-    path = Path(path)
+def _check_file(path: Path, hint: str) -> None:
+    if path.is_dir():
+        inside = [n for n in ("best.pt", "last.pt") if (path / n).is_file()]
+        suggestion = f"; e.g. {path / inside[0]}" if inside else ""
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file: pass a file{suggestion}")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; check the path (or --out of the run)")
+        raise CheckpointError(f"checkpoint {path} does not exist; {hint}")
+
+
+def _torch_load(path: Path) -> Any:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zips, foreign pickles, ... raise many different types
         raise _read_error(path, err) from None
+
+
+def _verify(obj: dict[str, Any], path: Path, needed: tuple[str, ...]) -> None:
+    """Refuse a vig_pyg training checkpoint with missing entries or contents that fail the checksum."""
+    missing = [key for key in needed if key not in obj]
+    if missing:
+        raise CheckpointError(
+            f"{path} lacks the entries {', '.join(map(repr, missing))} of a vig_pyg training checkpoint "
+            "(made by hand or by another program?); use a checkpoint written by `vig-pyg train`"
+        )
+    expected = obj.get(CHECKSUM)
+    if expected is None:  # written before checkpoints carried one
+        log.debug("%s carries no checksum (written by vig_pyg 0.1): not verified", path)
+    elif state_digest(obj, exclude=(CHECKSUM,)) != expected:
+        raise CheckpointError(
+            f"{path} is corrupt: its contents do not match the checksum written with them; use an intact "
+            "copy (a run keeps best.pt beside last.pt)"
+        )
+
+
+def load_checkpoint(path: str | os.PathLike, for_resume: bool = True) -> dict[str, Any]:
+    """Read and verify a training checkpoint written by :func:`save_checkpoint` (``weights_only=True``).
+
+    Args:
+        path: the file.
+        for_resume: also require what resuming a run needs (optimizer, schedule, RNG states, history).
+
+    Raises:
+        CheckpointError: the file is missing, unreadable (e.g. truncated), not a training checkpoint,
+            lacks entries, or fails its checksum.
+    """
+    path = Path(path)
+    _check_file(path, "check the path (or --out of the run)")
+    obj = _torch_load(path)
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not a vig_pyg training checkpoint (no {FORMAT!r} marker); for official or "
             "converted weights use `vig-pyg eval FILE --model NAME`"
         )
+    _verify(obj, path, _MODEL_ENTRIES + (_RESUME_ENTRIES if for_resume else ()))
     return obj
 
 
@@ -220,15 +254,10 @@ def load_model(
         CheckpointError: unreadable file, or a checkpoint for another model.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; check the path")
-    obj: Any = None
-    if path.suffix != ".safetensors":
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # see load_checkpoint
-            raise _read_error(path, err) from None
+    _check_file(path, "check the path")
+    obj = _torch_load(path) if path.suffix != ".safetensors" else None
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        _verify(obj, path, _MODEL_ENTRIES)
         name = obj["model_name"]
         if model_name is not None and model_name != name:
             raise CheckpointError(
@@ -251,7 +280,7 @@ def load_model(
             Preprocessing.from_dict(obj["preprocessing"]),
             "train",
             int(obj["epoch"]),
-            dict(obj.get("config", {})),
+            dict(obj.get("config") or {}),
         )
         return model, info
     if model_name is None:
@@ -260,6 +289,8 @@ def load_model(
         )
     try:
         state_dict = load_state_dict_file(path)
+    except CorruptFileError as err:
+        raise CheckpointError(str(err)) from None
     except (ValueError, OSError) as err:
         raise _read_error(path, err) from None
     num_classes = _head_size(state_dict)
@@ -299,6 +330,8 @@ def convert_checkpoint(
         raise UsageError(f"the output {dst} should end in .safetensors")
     if dst.exists() and not overwrite:
         raise UsageError(f"{dst} already exists; pass --overwrite to replace it or choose another name")
+    if dst.parent.exists() and not dst.parent.is_dir():
+        raise UsageError(f"cannot write {dst}: {dst.parent} is a file, not a folder")
     if not dst.parent.is_dir():
         raise UsageError(f"folder {dst.parent} does not exist; create it first")
     model, info = load_model(src, model_name, model_kwargs)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from vig_pyg.torchrun import torchrun_env
 
 __all__ = [
     "DistInfo",
@@ -16,6 +17,7 @@ __all__ = [
     "all_reduce_sum",
     "barrier",
     "cleanup",
+    "is_peer_failure",
     "pick_device",
     "setup_distributed",
 ]
@@ -64,15 +66,29 @@ def pick_device(device: str = "auto", local_rank: int = 0) -> torch.device:
         raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda") from None
 
 
+# What the process-group back-ends say when a peer went away (gloo raises a plain RuntimeError).
+_PEER_MARKERS = ("closed by peer", "reset by peer", "gloo", "nccl", "processgroup", "broken pipe")
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """Whether ``err``, raised in a distributed run, is a collective that lost another process."""
+    if isinstance(err, dist.DistError):
+        return True
+    return isinstance(err, RuntimeError) and any(m in str(err).lower() for m in _PEER_MARKERS)
+
+
 def setup_distributed(device: str = "auto") -> DistInfo:
     """Join the process group when started by torchrun (gloo on CPU, nccl on GPU); else a single process.
 
     Args:
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``; under torchrun each process takes the GPU
             ``LOCAL_RANK``.
+
+    Raises:
+        ValueError: a malformed torchrun environment (``RANK`` without ``WORLD_SIZE``, not a number, ...)
+            or an unknown device.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank, world_size = torchrun_env()
     dev = pick_device(device, local_rank)
     if world_size <= 1:
         return DistInfo(device=dev)
