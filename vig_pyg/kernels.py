@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +39,7 @@ _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = (_CSRC / "select.cpp", _CSRC / "aggregate.cpp")
 _HEADERS = (_CSRC / "vectorize.h",)
 _OPS = ("small_topk", "neighbor_max", "max_relative")
+log = logging.getLogger(__name__)
 _loaded: bool | None = None  # None: not looked for yet
 _enabled = True
 
@@ -78,11 +81,53 @@ def available() -> bool:
     return _loaded
 
 
+@contextlib.contextmanager
+def _exclusive_build(directory: Path, poll_s: float = 0.5) -> Iterator[None]:
+    """Hold ``directory/build.lock`` for a build, saying what is waited for while another build holds it.
+
+    The lock is a ``flock``, which the system releases when its holder dies, so a killed build never
+    blocks the next one. ``torch.utils.cpp_extension`` keeps a lock file of its own (``lock``) that a
+    killed build leaves behind and that makes every later build wait forever: holding ``build.lock``,
+    any such file is stale and is removed.
+    """
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): builds are not protected from each other
+        yield
+        return
+    path = directory / "build.lock"
+    with open(path, "a+") as f:
+        since = time.monotonic()
+        said = -1
+        while True:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                waited = int(time.monotonic() - since)
+                if said < 0 or waited - said >= 30:
+                    f.seek(0)
+                    holder = f.read().strip() or "another process"
+                    log.info("waiting for another build of the kernels to finish (%s holds %s)", holder, path)
+                    said = waited
+                time.sleep(poll_s)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        baton = directory / "lock"
+        if baton.exists():
+            log.info("removing %s, left by an interrupted build", baton)
+            baton.unlink(missing_ok=True)
+        yield
+
+
 def build(verbose: bool = False) -> Path:
     """Compile the kernels for the installed torch (about 20 s) and load them; returns the library path.
 
-    Only loads them when these sources were already built. Raises what ``torch.utils.cpp_extension``
-    raises when no compiler or ninja is found.
+    Only loads them when these sources were already built. Waits (and logs what it waits for) while
+    another process builds them. Raises what ``torch.utils.cpp_extension`` raises when no compiler or
+    ninja is found.
     """
     global _loaded
     if available():
@@ -91,15 +136,16 @@ def build(verbose: bool = False) -> Path:
 
     directory = _build_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(
-        name=_library_name(),
-        sources=[str(path) for path in _SOURCES],
-        build_directory=str(directory),
-        extra_cflags=["-O3", "-fopenmp"],  # OpenMP: at::parallel_for splits rows over torch's threads
-        extra_ldflags=["-fopenmp"],
-        is_python_module=False,
-        verbose=verbose,
-    )
+    with _exclusive_build(directory):
+        cpp_extension.load(
+            name=_library_name(),
+            sources=[str(path) for path in _SOURCES],
+            build_directory=str(directory),
+            extra_cflags=["-O3", "-fopenmp"],  # OpenMP: at::parallel_for splits rows over torch's threads
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=verbose,
+        )
     _loaded = True
     return library_path()
 
