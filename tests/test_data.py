@@ -107,6 +107,37 @@ def test_bad_folders_get_one_clear_error(tmp_path: Path, breakage: str, expected
     assert "\n" not in str(info.value)
 
 
+def test_each_file_is_counted_once_through_symlinks(tmp_path: Path) -> None:
+    root = make_folder(tmp_path / "data")
+    cat = root / "train" / "cat"
+    (cat / "loop").symlink_to(".")  # a symlink loop
+    (cat / "again").symlink_to(cat)  # a second way into the same folder
+    (cat / ".hidden").mkdir()
+    Image.new("RGB", (8, 8)).save(cat / ".hidden" / "x.png")  # e.g. a notebook's checkpoint copies
+    (root / "train" / "dog" / "cats").symlink_to(cat)  # another class's folder, linked in
+    splits = scan_image_folder(root)
+    counts = [sum(1 for _, t in splits["train"].samples if t == c) for c in range(2)]
+    assert counts == [3, 6]  # cat's three images once; dog's three plus the three linked in
+
+
+def test_16_bit_images_are_rescaled_not_clipped(tmp_path: Path) -> None:
+    import numpy as np
+
+    values = np.array([[0, 257, 32896, 65535]], dtype=np.uint16).repeat(4, axis=0)
+    Image.fromarray(values).save(tmp_path / "wide.png")
+    with Image.open(tmp_path / "wide.png") as img:
+        assert img.mode.startswith("I")  # Pillow opens 16-bit greyscale PNGs as I;16
+        x = pil_to_uint8(img)
+    assert x.shape == (3, 4, 4) and x[:, 0].tolist() == [[0, 1, 128, 255]] * 3
+    root = make_folder(tmp_path / "data")
+    Image.fromarray(values).save(root / "train" / "cat" / "wide.png")
+    ds = ImageFolderDataset(scan_image_folder(root)["train"], pil_to_uint8)
+    sample = next(x for (p, _), (x, _) in zip(ds.samples, ds) if p.endswith("wide.png"))
+    assert sample[0, 0].tolist() == [0, 1, 128, 255]
+    floats = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32))
+    assert pil_to_uint8(floats)[0, 0].tolist() == [0, 128, 255]
+
+
 def test_unreadable_image_found_at_load_time_names_the_file(tmp_path: Path) -> None:
     root = make_folder(tmp_path / "data")
     bad = root / "train" / "cat" / "zz.jpg"

@@ -9,6 +9,8 @@ from vig_pyg.data.folder import (
     FolderSplit,
     ImageFolderDataset,
     check_image,
+    folder_fingerprint,
+    open_image,
     scan_image_folder,
 )
 from vig_pyg.data.transforms import (
@@ -17,6 +19,7 @@ from vig_pyg.data.transforms import (
     TrainCrop,
     batch_transform,
     pil_to_uint8,
+    to_rgb,
     uint8_to_pil,
 )
 
@@ -31,8 +34,11 @@ __all__ = [
     "TrainCrop",
     "batch_transform",
     "check_image",
+    "folder_fingerprint",
     "load_digits_split",
+    "open_image",
     "pil_to_uint8",
     "scan_image_folder",
+    "to_rgb",
     "uint8_to_pil",
 ]

@@ -6,19 +6,30 @@ directory is touched) and reported as one :class:`~vig_pyg.errors.DataError` tha
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from vig_pyg.data.transforms import to_rgb
 from vig_pyg.errors import DataError
 
-__all__ = ["IMG_EXTENSIONS", "FolderSplit", "ImageFolderDataset", "check_image", "scan_image_folder"]
+__all__ = [
+    "IMG_EXTENSIONS",
+    "FolderSplit",
+    "ImageFolderDataset",
+    "check_image",
+    "folder_fingerprint",
+    "open_image",
+    "scan_image_folder",
+]
 
 log = logging.getLogger(__name__)
 
@@ -42,28 +53,69 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
 
 
+def _walk_images(top: str) -> list[str]:
+    """Image files under ``top``, symlinked folders followed, each folder and each file counted once.
+
+    A folder reached twice (a symlink loop such as ``loop -> .``, or two links to one folder) is walked
+    once, and a file reached through several paths is listed once, under the first path in sorted order.
+    Hidden files and folders (``.name``) are skipped.
+    """
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files: set[tuple[int, int]] = set()
+    found = []
+    stack = [top]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = os.stat(folder)
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:  # unreadable or vanished: nothing to list
+            continue
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            continue
+        seen_dirs.add((st.st_dev, st.st_ino))
+        subfolders = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            try:
+                if e.is_dir():
+                    subfolders.append(e.path)
+                elif e.is_file() and _is_image(e.name):
+                    fst = e.stat()
+                    if (fst.st_dev, fst.st_ino) not in seen_files:
+                        seen_files.add((fst.st_dev, fst.st_ino))
+                        found.append(e.path)
+            except OSError:  # a broken link
+                continue
+        stack.extend(reversed(subfolders))  # depth-first, in sorted order
+    return sorted(found)
+
+
 def _scan_split(split_dir: Path) -> tuple[list[str], dict[str, list[str]]]:
     classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
-    files = {}
-    for c in classes:
-        files[c] = sorted(
-            os.path.join(dirpath, f)
-            for dirpath, _, names in os.walk(split_dir / c, followlinks=True)
-            for f in names
-            if _is_image(f)
-        )
-    return classes, files
+    return classes, {c: _walk_images(str(split_dir / c)) for c in classes}
 
 
-def check_image(path: str | os.PathLike) -> None:
-    """Decode ``path`` fully; raise a :class:`DataError` naming the file when it cannot be read."""
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Decode ``path`` fully as 8-bit RGB (:func:`~vig_pyg.data.transforms.to_rgb`).
+
+    Raises:
+        DataError: naming the file, when it cannot be read.
+    """
     try:
         with Image.open(path) as img:
-            img.load()
+            return to_rgb(img)  # decodes the whole file, so a truncated one fails here
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(
             f"{path} is not a readable image ({err}); remove or replace the file and run again"
         ) from None
+
+
+def check_image(path: str | os.PathLike) -> None:
+    """Decode ``path`` fully; raise a :class:`DataError` naming the file when it cannot be read."""
+    open_image(path)
 
 
 def scan_image_folder(
@@ -136,6 +188,23 @@ def scan_image_folder(
     return out
 
 
+def folder_fingerprint(splits: Mapping[str, FolderSplit]) -> dict[str, Any]:
+    """What identifies the images of a scanned folder wherever it lies: the classes, and per split the
+    number of images and a SHA-256 of their paths (relative to the split) and sizes.
+
+    A training run records it, so that ``--resume`` accepts the same images moved to another folder.
+    """
+    out: dict[str, Any] = {"classes": [], "splits": {}}
+    for name, split in sorted(splits.items()):
+        h = hashlib.sha256()
+        for path, target in split.samples:
+            rel = os.path.relpath(path, split.root)
+            h.update(f"{split.classes[target]}\0{rel}\0{os.path.getsize(path)}\n".encode())
+        out["splits"][name] = {"images": len(split.samples), "digest": h.hexdigest()}
+        out["classes"] = list(split.classes)
+    return out
+
+
 class ImageFolderDataset(Dataset):
     """Samples of a :class:`FolderSplit` through a transform (PIL image -> ``uint8`` tensor).
 
@@ -170,11 +239,4 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         path, target = self.samples[i]
-        try:
-            with Image.open(path) as img:
-                rgb = img.convert("RGB")  # decodes the whole file, so a truncated one fails here
-        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
-            raise DataError(
-                f"{path} is not a readable image ({err}); remove or replace the file and run again"
-            ) from None
-        return self.transform(rgb), target
+        return self.transform(open_image(path)), target

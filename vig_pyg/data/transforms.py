@@ -24,6 +24,7 @@ __all__ = [
     "TrainCrop",
     "batch_transform",
     "pil_to_uint8",
+    "to_rgb",
     "uint8_to_pil",
 ]
 
@@ -90,9 +91,30 @@ class Preprocessing:
         )
 
 
+# Pillow's modes of 16-bit (and 32-bit integer) greyscale images, e.g. 16-bit PNGs and TIFFs.
+_WIDE_INT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB, rescaling 16-bit and float greyscale instead of clipping it.
+
+    Pillow's own ``convert("RGB")`` clips a 16-bit image's values at 255, which turns almost every
+    pixel white. 16-bit (and 32-bit integer) images are taken to span 0-65535 and float images 0-1 (or
+    0-255 when their values exceed 1); 16-bit colour PNGs already open as 8-bit RGB.
+    """
+    if img.mode in _WIDE_INT_MODES:
+        wide = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        img = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        values = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        scale = 255.0 if values.size and values.max() <= 1.0 else 1.0
+        img = Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")  # a new, fully decoded image even when img is RGB already
+
+
 def pil_to_uint8(img: Image.Image) -> Tensor:
-    """A PIL image as an RGB ``uint8`` tensor ``(3, H, W)``."""
-    arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    """A PIL image as an RGB ``uint8`` tensor ``(3, H, W)`` (see :func:`to_rgb`)."""
+    arr = np.asarray(to_rgb(img), dtype=np.uint8)
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
 
 
@@ -115,7 +137,7 @@ class EvalResize:
 
     def __call__(self, img: Image.Image) -> Tensor:
         h, w = self.size
-        img = img.convert("RGB")
+        img = to_rgb(img)
         if h == w:
             scale = math.floor(h / self.crop_pct)
             iw, ih = img.size
