@@ -221,6 +221,11 @@ def test_bad_input() -> None:
     ei = knn_graph(x, 3)
     with pytest.raises(ValueError, match="promises"):
         conv(x, ei, k=4)
+    # k= promises edges grouped by target: a shuffled order is refused, not silently misread.
+    shuffled = ei[:, torch.randperm(ei.size(1), generator=torch.Generator().manual_seed(0))]
+    with pytest.raises(ValueError, match="grouped by target"):
+        conv(x, shuffled, k=3)
+    assert torch.allclose(conv(x, shuffled), conv(x, ei, k=3), atol=1e-6)  # k=None reads any order
     with pytest.raises(ValueError, match=r"\(num_nodes, 8\)"):
         conv(torch.randn(10, 6), ei)
     with pytest.raises(TypeError, match="integer"):

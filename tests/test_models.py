@@ -195,16 +195,50 @@ def test_bad_input() -> None:
         vig_pyg.create_model("pvig_s_224")
     with pytest.raises(ValueError, match="unknown argument"):
         vig_pyg.create_model("pvig_test", chanels=(8, 8, 8, 8))
-    with pytest.raises(ValueError, match="four stages"):
+    with pytest.raises(ValueError, match=r"needs 4 entries \(one per stage\)"):
         vig_pyg.create_model("pvig_test", channels=(8, 16))
-    with pytest.raises(TypeError, match="isotropic"):
+    with pytest.raises(ValueError, match="channels must be a positive int"):
         vig_pyg.create_model("vig_test", channels=(8, 16))
     with pytest.raises(ValueError, match="unknown graph convolution"):
         vig_pyg.create_model("vig_test", conv="mrconv")
 
 
+@pytest.mark.parametrize(
+    "name, kwargs, expected",
+    [
+        ("pvig_test", {"blocks": (0, 0, 0, 0)}, "blocks must be 4 positive ints"),
+        ("pvig_test", {"blocks": (1, 1, 0, 1)}, "blocks must be 4 positive ints"),
+        ("pvig_test", {"k": 0}, "k must be a positive int"),
+        ("pvig_test", {"k": 2.5}, "k must be a positive int"),
+        ("pvig_test", {"reduce_ratios": (0, 2, 1, 1)}, "reduce_ratios must be 4 positive ints"),
+        ("pvig_test", {"img_size": 0}, "img_size must be a positive int"),
+        ("pvig_test", {"img_size": (96, -1)}, r"img_size must be 2 positive ints \(height, width\)"),
+        ("pvig_test", {"channels": (12, 24, 36, 0)}, "channels must be 4 positive ints"),
+        ("vig_test", {"blocks": 0}, "blocks must be a positive int"),
+        ("vig_test", {"k": -3}, "k must be a positive int"),
+        ("vig_test", {"img_size": "96"}, "img_size must be 2 positive ints"),
+    ],
+)
+def test_bad_configurations_are_refused(name: str, kwargs: dict, expected: str) -> None:
+    with pytest.raises(ValueError, match=expected):
+        vig_pyg.create_model(name, **kwargs)
+
+
+@pytest.mark.parametrize("name", TEST_MODELS)
+def test_training_forward_with_one_image(name: str) -> None:
+    """A batch of one trains (the head's BatchNorm normalises it with its running statistics)."""
+    model = make(name).train()
+    head_stats = model.head.norm.running_mean.clone()
+    out = model(images(1, 96))
+    out.square().mean().backward()
+    assert out.shape == (1, 7) and torch.isfinite(out).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert torch.equal(model.head.norm.running_mean, head_stats)  # one sample updates no statistics
+    trunk = model(images(2, 96))  # a larger batch trains the head's statistics as usual
+    assert trunk.shape == (2, 7) and not torch.equal(model.head.norm.running_mean, head_stats)
+
+
 def test_isotropic_schedule() -> None:
-    m = vig_pyg.create_model("vig_s_224_gelu", num_classes=0) if False else None
     with torch.device("meta"):
         ti = IsotropicViG(192, 12)
         s = IsotropicViG(320, 16)
@@ -214,4 +248,3 @@ def test_isotropic_schedule() -> None:
     assert s.ks == [9, 9, 10, 10, 11, 12, 12, 13, 13, 14, 15, 15, 16, 16, 17, 18]
     assert s.dilations == [1] * 4 + [2] * 4 + [3] * 4 + [4] * 4
     assert p.dilations == [1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5]
-    assert m is None

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from vig_pyg.nn.mlp import activate, fold_batch_norm, fold_pays, make_activation, normalize_output
 from vig_pyg.nn.recompute import can_recompute, norm_act_conv
 
-__all__ = ["ClassifierHead", "ConvNorm", "DropPath", "Stem"]
+__all__ = ["ClassifierHead", "ConvNorm", "DropPath", "HeadBatchNorm", "Stem"]
 
 # FX records activate() as one call (it looks at the tensor's layout), so traced models run its kernels.
 torch.fx.wrap("activate")
@@ -120,6 +120,21 @@ class Stem(nn.Module):
         return x
 
 
+class HeadBatchNorm(nn.BatchNorm1d):
+    """``BatchNorm1d`` that also accepts a training batch of one image.
+
+    The head normalises pooled ``(B, C)`` features, where a batch of one has no variance to normalise
+    by (``nn.BatchNorm1d`` raises). Such a batch is normalised with the running statistics instead, as in
+    eval mode, and leaves them unchanged; every larger batch trains as usual.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and x.size(0) == 1:
+            stats = self.running_mean, self.running_var
+            return F.batch_norm(x, *stats, self.weight, self.bias, training=False, eps=self.eps)
+        return super().forward(x)
+
+
 class ClassifierHead(nn.Module):
     """Global average pool, ``Linear -> BatchNorm -> act -> dropout`` to ``hidden`` features, classifier.
 
@@ -132,7 +147,7 @@ class ClassifierHead(nn.Module):
         super().__init__()
         self.hidden = hidden
         self.fc = nn.Linear(in_channels, hidden)
-        self.norm = nn.BatchNorm1d(hidden)
+        self.norm = HeadBatchNorm(hidden)
         self.act = make_activation(act)
         self.drop = nn.Dropout(drop_rate)
         self.classifier: nn.Module = nn.Identity()

@@ -13,7 +13,48 @@ from torch.utils.checkpoint import checkpoint
 from vig_pyg.layers.common import ClassifierHead, ConvNorm
 from vig_pyg.nn.mlp import GroupedLinear
 
-__all__ = ["FeatureExtractor", "ViGModel", "ViGStage", "add_position_embedding"]
+__all__ = [
+    "FeatureExtractor",
+    "ViGModel",
+    "ViGStage",
+    "add_position_embedding",
+    "ceil_div",
+    "check_positive_ints",
+    "image_size_pair",
+]
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_positive_ints(
+    name: str, values: int | Sequence[int], count: int | None = None, entries: str = "one per stage"
+) -> tuple[int, ...]:
+    """``values`` as a tuple, refusing anything but positive ints (and another length than ``count``).
+
+    ``count=None`` asks for a single int (returned as a 1-tuple).
+    """
+    items = (values,) if count is None else values
+    if not isinstance(items, Sequence) or isinstance(items, str) or not all(map(_is_positive_int, items)):
+        what = "a positive int" if count is None else f"{count} positive ints ({entries})"
+        raise ValueError(f"{name} must be {what}, got {values!r}")
+    if count is not None and len(items) != count:
+        raise ValueError(f"{name} needs {count} entries ({entries}), got {len(items)}: {tuple(items)}")
+    return tuple(items)
+
+
+def image_size_pair(size: int | Sequence[int]) -> tuple[int, int]:
+    """``img_size`` as ``(height, width)``: an int for a square, or a pair of positive ints."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size < 1:
+            raise ValueError(f"img_size must be a positive int or a (height, width) pair, got {size!r}")
+        return size, size
+    return check_positive_ints("img_size", size, count=2, entries="height, width")  # type: ignore[return-value]
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def add_position_embedding(x: Tensor, pos_embed: Tensor) -> Tensor:

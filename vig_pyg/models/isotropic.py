@@ -15,18 +15,10 @@ from torch import nn
 from vig_pyg.graph.knn import KNNMethod
 from vig_pyg.layers.blocks import ViGBlock
 from vig_pyg.layers.common import ClassifierHead, Stem
-from vig_pyg.models.base import ViGModel
+from vig_pyg.models.base import ViGModel, ceil_div, check_positive_ints, image_size_pair
 from vig_pyg.models.registry import register_model
 
 __all__ = ["IsotropicViG"]
-
-
-def _to_pair(size: int | tuple[int, int]) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class IsotropicViG(ViGModel):
@@ -69,17 +61,18 @@ class IsotropicViG(ViGModel):
         head_hidden: int = 1024,
     ) -> None:
         super().__init__()
-        if not isinstance(channels, int) or not isinstance(blocks, int):
-            raise TypeError("an isotropic ViG takes an int `channels` and an int `blocks`")
-        if channels % 8 or blocks < 1 or k < 1:
+        (channels,), (blocks,), (k,) = (
+            check_positive_ints(n, v) for n, v in (("channels", channels), ("blocks", blocks), ("k", k))
+        )
+        if channels % 8:
             raise ValueError(
-                f"need channels divisible by 8 and blocks, k >= 1; got {channels}, {blocks}, {k}"
+                f"channels must be divisible by 8 (the stem halves it three times), got {channels}"
             )
-        self.img_size = _to_pair(img_size)
+        self.img_size = image_size_pair(img_size)
         self.in_chans, self.num_classes = in_chans, num_classes
         self.num_features = channels
         self.head_hidden_size = head_hidden
-        grid = (_ceil_div(self.img_size[0], 16), _ceil_div(self.img_size[1], 16))
+        grid = (ceil_div(self.img_size[0], 16), ceil_div(self.img_size[1], 16))
         # k grows from k to 2k; float32 linspace then truncation, as the official schedule is computed.
         self.ks = [int(v) for v in torch.linspace(k, 2 * k, blocks, device="cpu").tolist()]
         max_dilation = max(1, grid[0] * grid[1] // max(self.ks))
@@ -118,7 +111,7 @@ class IsotropicViG(ViGModel):
         return list(self.blocks)
 
     def graph_sizes(self, height: int, width: int) -> list[tuple[int, int, int]]:
-        n = _ceil_div(height, 16) * _ceil_div(width, 16)
+        n = ceil_div(height, 16) * ceil_div(width, 16)
         return [(n, n, k) for k in self.ks]
 
 

@@ -16,8 +16,14 @@ from torch import nn
 from vig_pyg.graph.knn import KNNMethod
 from vig_pyg.layers.blocks import ViGBlock
 from vig_pyg.layers.common import ClassifierHead, Stem
-from vig_pyg.models.base import ViGModel, ViGStage, downsample
-from vig_pyg.models.isotropic import _ceil_div, _to_pair
+from vig_pyg.models.base import (
+    ViGModel,
+    ViGStage,
+    ceil_div,
+    check_positive_ints,
+    downsample,
+    image_size_pair,
+)
 from vig_pyg.models.registry import register_model
 
 __all__ = ["PyramidViG"]
@@ -67,24 +73,22 @@ class PyramidViG(ViGModel):
         head_hidden: int = 1024,
     ) -> None:
         super().__init__()
-        channels, blocks, reduce_ratios = tuple(channels), tuple(blocks), tuple(reduce_ratios)
-        if not (len(channels) == len(blocks) == len(reduce_ratios) == 4):
-            raise ValueError(
-                "a pyramid ViG takes four stages: channels, blocks and reduce_ratios need 4 entries each, "
-                "got "
-                f"{channels}, {blocks}, {reduce_ratios}"
-            )
-        if any(c % 4 for c in channels) or channels[0] % 2:
+        # Four stages, each with at least one graph block.
+        channels = check_positive_ints("channels", channels, count=4)
+        blocks = check_positive_ints("blocks", blocks, count=4)
+        reduce_ratios = check_positive_ints("reduce_ratios", reduce_ratios, count=4)
+        (k,) = check_positive_ints("k", k)
+        if any(c % 4 for c in channels):
             raise ValueError(
                 f"stage widths must be divisible by 4 (grouped convs, sine-cosine term), got {channels}"
             )
-        self.img_size = _to_pair(img_size)
+        self.img_size = image_size_pair(img_size)
         self.in_chans, self.num_classes = in_chans, num_classes
         self.channels, self.depths, self.reduce_ratios, self.k = channels, blocks, reduce_ratios, k
         self.num_features = channels[-1]
         self.head_hidden_size = head_hidden
-        grid = (_ceil_div(self.img_size[0], 4), _ceil_div(self.img_size[1], 4))
-        last = (_ceil_div(self.img_size[0], 32), _ceil_div(self.img_size[1], 32))
+        grid = (ceil_div(self.img_size[0], 4), ceil_div(self.img_size[1], 4))
+        last = (ceil_div(self.img_size[0], 32), ceil_div(self.img_size[1], 32))
         max_dilation = max(1, last[0] * last[1] // k)
         total = sum(blocks)
         dpr = torch.linspace(0, drop_path_rate, total, device="cpu").tolist()
@@ -97,7 +101,7 @@ class PyramidViG(ViGModel):
         stage_grid = grid
         for s, (width, depth, r) in enumerate(zip(channels, blocks, reduce_ratios)):
             if s > 0:
-                stage_grid = (_ceil_div(stage_grid[0], 2), _ceil_div(stage_grid[1], 2))
+                stage_grid = (ceil_div(stage_grid[0], 2), ceil_div(stage_grid[1], 2))
             stage_blocks = [
                 ViGBlock(
                     width,
@@ -130,11 +134,11 @@ class PyramidViG(ViGModel):
         return list(self.stages)
 
     def graph_sizes(self, height: int, width: int) -> list[tuple[int, int, int]]:
-        h, w = _ceil_div(height, 4), _ceil_div(width, 4)
+        h, w = ceil_div(height, 4), ceil_div(width, 4)
         sizes = []
         for s, (depth, r) in enumerate(zip(self.depths, self.reduce_ratios)):
             if s > 0:
-                h, w = _ceil_div(h, 2), _ceil_div(w, 2)
+                h, w = ceil_div(h, 2), ceil_div(w, 2)
             sizes += [(h * w, (h // r) * (w // r), self.k)] * depth
         return sizes
 

@@ -36,7 +36,12 @@ _WHOLE_MAX_ELEMENTS = 1 << 22
 
 
 def check_k_regular(edge_index: Tensor, num_targets: int, k: int) -> None:
-    """Shape check for the promise that ``edge_index`` holds ``k`` target-sorted edges per target."""
+    """Check the promise that ``edge_index`` holds ``k`` edges per target, grouped by target in order.
+
+    The shapes always; the targets themselves (one comparison over the edges) in eager mode, where a
+    graph that breaks the promise would otherwise give a silently wrong result. Captured graphs
+    (``torch.compile``, ``torch.export``) cannot raise on values and skip that part.
+    """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int (the in-degree of every node), got {k!r}")
     if edge_index.dim() != 2 or edge_index.size(0) != 2:
@@ -46,6 +51,15 @@ def check_k_regular(edge_index: Tensor, num_targets: int, k: int) -> None:
             f"k={k} promises {num_targets * k} edges for {num_targets} target nodes, but edge_index has "
             f"{edge_index.size(1)}; pass k only for graphs from knn_graph(), or k=None for any graph"
         )
+    if not is_tracing():
+        targets = edge_index[1].view(num_targets, k)
+        expected = torch.arange(num_targets, device=edge_index.device, dtype=edge_index.dtype)
+        if not bool((targets == expected.unsqueeze(1)).all()):
+            raise ValueError(
+                f"k={k} promises edges grouped by target (target 0's {k} edges first, then target 1's, ...), "
+                "but edge_index is ordered otherwise; sort it by target (e.g. torch_geometric.utils."
+                "sort_edge_index(edge_index, sort_by_row=False)) or pass k=None for any graph"
+            )
 
 
 def gather_neighbors(x_src: Tensor, edge_index: Tensor, k: int) -> Tensor:
