@@ -142,7 +142,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if env_rank() == 0:
         if result.epochs_done:
             files = [f"{result.last_checkpoint} (last)"]
-            if result.best_epoch:
+            if result.best_epoch and result.best_checkpoint.is_file():
                 files.insert(0, f"{result.best_checkpoint} (best, epoch {result.best_epoch})")
             print(f"checkpoints: {', '.join(files)}")
         print(f"best val top-1: {result.best_top1:.1f}%" if result.best_epoch else "no epoch scored")
