@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import random
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,4 +37,7 @@ def two_threads():
 
 @pytest.fixture(autouse=True)
 def _seed():
+    """Every test starts from the same RNG state, whatever ran before it (torch, numpy, random)."""
+    random.seed(0)
+    np.random.seed(0)
     torch.manual_seed(0)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from knn_margin import MIN_MARGIN, node_margins, separated_input
 from test_parity import load_fixture, model_for, official_state_dict
 
 import vig_pyg
 from vig_pyg.export import create_feature_extractor, export_onnx, symbolic_trace
 from vig_pyg.graph.dynamic import GridKNNGraph
+from vig_pyg.layers.blocks import Grapher
 from vig_pyg.models import convert_official
 
 ALL = vig_pyg.list_models()
@@ -54,7 +57,7 @@ def test_dynamo_no_graph_breaks_torch_cluster() -> None:
 @pytest.mark.parametrize("name", TEST_MODELS)
 def test_compile_matches_eager(name: str, method: str) -> None:
     model = calibrated(name, knn_method=method)
-    x = torch.randn(2, 3, *model.img_size)
+    x = separated_input(model, (2, 3, *model.img_size))  # inductor's rounding cannot swap a neighbour
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
         assert torch.allclose(compiled(x), model(x), atol=1e-5, rtol=1e-5)
@@ -63,7 +66,7 @@ def test_compile_matches_eager(name: str, method: str) -> None:
 @pytest.mark.parametrize("name", ["vig_test", pytest.param("pvig_test", marks=pytest.mark.slow)])
 def test_compile_training_step_matches_eager(name: str) -> None:
     model = calibrated(name).train()
-    x = torch.randn(2, 3, *model.img_size)
+    x = separated_input(model, (2, 3, *model.img_size))
     compiled = torch.compile(model, fullgraph=True)
     out_c = compiled(x)
     out_c.square().mean().backward()
@@ -86,7 +89,7 @@ def test_torch_export(name: str) -> None:
     # first) and by torch.topk (unspecified) differently.
     with vig_pyg.kernels.disabled():
         model = vig_pyg.create_model(name).eval()
-        x = torch.randn(1, 3, 96, 96) if name not in TEST_MODELS else torch.randn(2, 3, *model.img_size)
+        x = torch.randn(1, 3, 96, 96) if name not in TEST_MODELS else separated_input(model, (2, 3, 96, 96))
         program = torch.export.export(model, (x,))
         with torch.no_grad():
             assert torch.allclose(program.module()(x), model(x), atol=1e-5, rtol=1e-5)
@@ -129,7 +132,7 @@ def test_plain_fx_says_what_to_do() -> None:
 def test_traced_forms_keep_train_eval_semantics() -> None:
     """Stochastic dilation and drop path act in training only, in FX-traced and compiled forms too."""
     model = calibrated("pvig_test", stochastic=True, epsilon=1.0, drop_path_rate=0.5)
-    x = torch.randn(2, 3, 96, 96)
+    x = separated_input(model, (2, 3, 96, 96))  # eval mode: the compiled form's rounding decides nothing
     for run in (symbolic_trace(model), torch.compile(model, fullgraph=True)):
         model.eval()
         with torch.no_grad():
@@ -176,30 +179,62 @@ def test_onnx_matches_pytorch_on_official_weights(fixture: str, tmp_path, two_th
     assert abs(out - fx["logits"].numpy()).max() <= 1e-4
 
 
+class _UpToFirstGrapher(torch.nn.Module):
+    """A model's stem, position embedding and first Grapher: each output node rests on one kNN decision."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.grapher = next(m for m in model.modules() if isinstance(m, Grapher))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.grapher(self.model._embed(x))
+
+
 @pytest.mark.parametrize(
-    "name", ["vig_ti_224_gelu", "pvig_ti_224_gelu", pytest.param("pvig_s_224_gelu", marks=pytest.mark.slow)]
+    "name",
+    [
+        "pvig_ti_224_gelu",
+        pytest.param("vig_ti_224_gelu", marks=pytest.mark.slow),
+        pytest.param("pvig_s_224_gelu", marks=pytest.mark.slow),
+    ],
 )
 def test_onnx_full_size_variants(name: str, tmp_path) -> None:
-    """The official variants export with a dynamic batch axis, and ONNX Runtime runs them."""
+    """A full-size variant exports with a dynamic batch axis and runs in ONNX Runtime at any batch size.
+
+    A random full-size ViG is chaotic (a near-tied neighbour swap moves its logits by ~3), so its logits
+    are not compared: the whole export is checked for structure and finite outputs, and the numbers are
+    compared through the first Grapher, node by node, wherever that node's kNN decision is separated by
+    more than rounding (tests/knn_margin.py). Official-weight parity is the test above.
+    """
+    import onnx
     import onnxruntime as ort
 
     model = calibrated(name)
     path = export_onnx(model, tmp_path / f"{name}.onnx")
+    graph = onnx.load(str(path)).graph
+    for value in (*graph.input, *graph.output):
+        batch_axis = value.type.tensor_type.shape.dim[0]
+        assert batch_axis.dim_param and not batch_axis.HasField("dim_value")  # a named, free batch axis
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    # The reference is the program ONNX was made from: with a dynamic batch it folds every BatchNorm,
-    # while eager PyTorch normalises small outputs instead (vig_pyg.nn.mlp.fold_pays), a rounding-level
-    # difference that this chaotic random model would amplify.
-    batch_dim = torch.export.Dim("batch", min=1, max=4096)
-    program = torch.export.export(model, (torch.randn(2, 3, 224, 224),), dynamic_shapes=({0: batch_dim},))
+    gen = torch.Generator().manual_seed(1)
     for batch in (1, 3):
-        x = torch.randn(batch, 3, 224, 224)
-        (out,) = session.run(None, {"images": x.numpy()})
-        assert out.shape == (batch, 10)
-        with torch.no_grad():
-            ref = program.module()(x)
-        # Agreement up to the chaos of near-tied neighbours (see the test above): highly correlated.
-        corr = torch.corrcoef(torch.stack([torch.from_numpy(out).flatten(), ref.flatten()]))[0, 1]
-        assert corr > 0.9
+        (out,) = session.run(None, {"images": torch.randn(batch, 3, 224, 224, generator=gen).numpy()})
+        assert out.shape == (batch, 10) and np.isfinite(out).all()
+
+    head = _UpToFirstGrapher(model).eval()
+    sub_path = export_onnx(head, tmp_path / "first_grapher.onnx")
+    x = torch.randn(2, 3, 224, 224, generator=gen)
+    (got,) = ort.InferenceSession(str(sub_path), providers=["CPUExecutionProvider"]).run(
+        None, {"images": x.numpy()}
+    )
+    with torch.no_grad():
+        ref = head(x)
+    (margins,) = node_margins(head, x)
+    decided = margins >= MIN_MARGIN  # nodes whose neighbours no rounding can change
+    assert decided.float().mean() >= 0.9
+    per_node = (torch.from_numpy(got) - ref).abs().amax(1).reshape(-1)  # (B * H * W,), the node order
+    assert per_node[decided].max() <= 1e-4 * max(1.0, float(ref.abs().max()))
 
 
 def test_onnx_refuses_torch_cluster(tmp_path) -> None:

@@ -294,7 +294,7 @@ def test_two_runs_on_one_folder_and_a_stop_signal(tmp_path: Path, signum: int) -
         _, err = first.communicate(timeout=60)
     finally:
         first.kill()
-    assert first.returncode == 128 + signum
+    assert first.returncode == 128 + signum, err
     last_line = err.strip().splitlines()[-1]
     assert last_line.startswith(f"vig-pyg train: stopped by {signal.Signals(signum).name}; continue with")
     assert "--resume" in last_line and "Traceback" not in err
@@ -421,3 +421,28 @@ def test_a_flipped_bit_in_converted_weights_is_detected(tmp_path: Path) -> None:
         load_pretrained(fresh, path)
     with pytest.raises(CheckpointError, match="is corrupt"):
         load_model(path, "pvig_test")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_during_a_write_waits_for_the_whole_file(tmp_path: Path, signum: int) -> None:
+    """A stop arriving inside torch.save's zip writer (a C++ writer calling back into Python) once broke
+    the writer ("unexpected pos") or aborted the process; it now takes effect once the file is written."""
+    from vig_pyg.cli import Interrupted, _signals_interrupt
+
+    state = {"weights": torch.arange(100_000, dtype=torch.float32), "epoch": 3}
+    calls = []
+
+    def write(f) -> None:
+        torch.save(state, f)
+        os.kill(os.getpid(), signum)  # delivered while the file is still being written
+        calls.append("after the signal")
+
+    path = tmp_path / "last.pt"
+    with _signals_interrupt((signal.SIGTERM,)), pytest.raises(KeyboardInterrupt) as caught:
+        vig_pyg.files.atomic_write(path, write)
+    assert calls == ["after the signal"]  # the writer ran to its end
+    assert isinstance(caught.value, Interrupted) == (signum == signal.SIGTERM)
+    loaded = torch.load(path, weights_only=True)
+    assert torch.equal(loaded["weights"], state["weights"]) and loaded["epoch"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers are restored

@@ -3,7 +3,9 @@
 Every file of a run is written to a temporary name in its own folder (``.NAME.<pid>.tmp``), flushed to disk
 and renamed over ``NAME``: a reader sees the old file or the new one, never a mixture. A temporary file
 left by a killed process is recognised by its name (:func:`is_temporary`) and removed by the next run that
-holds the folder.
+holds the folder. Ctrl-C, SIGTERM and SIGHUP arriving while a file is written take effect once it is
+written (:func:`signals_deferred`): a stop never tears a writer (``torch.save``'s zip writer, for one)
+apart mid-record.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import errno
 import hashlib
 import os
 import re
+import signal
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -28,6 +32,7 @@ __all__ = [
     "atomic_write_bytes",
     "is_temporary",
     "replace_file",
+    "signals_deferred",
     "state_digest",
 ]
 
@@ -59,6 +64,35 @@ def replace_file(tmp: Path, path: Path) -> None:
         os.close(fd)
 
 
+_STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold back Ctrl-C, SIGTERM and SIGHUP while the block runs, then deliver them to their handlers.
+
+    A stop signal's handler raises (``KeyboardInterrupt``) wherever the main thread is; inside a C++
+    writer calling back into Python that leaves the writer broken (and, in a destructor, aborts the
+    process). Here a signal received during the block is recorded and raised again when it ends, so the
+    handler acts at a point where every file is whole. Outside the main thread this does nothing (signals
+    are only delivered there).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for signum in dict.fromkeys(received):  # each signal once, in order of arrival
+            signal.raise_signal(signum)
+
+
 def _advice(err: OSError) -> str:
     if err.errno in (errno.ENOSPC, errno.EDQUOT):
         return "free some space or choose another output folder"
@@ -87,11 +121,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> N
     _check_target(path)
     tmp = _tmp_path(path)
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        replace_file(tmp, path)
+        with signals_deferred():
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            replace_file(tmp, path)
     except OSError as err:
         raise OutputError(f"cannot write {path} ({err.strerror or err}): {_advice(err)}") from None
     finally:
@@ -109,8 +144,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     _check_target(path)
     tmp = _tmp_path(path)
     try:
-        yield tmp
-        replace_file(tmp, path)
+        with signals_deferred():
+            yield tmp
+            replace_file(tmp, path)
     except OSError as err:
         raise OutputError(f"cannot write {path} ({err.strerror or err}): {_advice(err)}") from None
     finally:

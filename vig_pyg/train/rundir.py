@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from vig_pyg.errors import CheckpointError, OutputError, RunDirError
-from vig_pyg.files import atomic_write_bytes, is_temporary
+from vig_pyg.files import atomic_write_bytes, is_temporary, signals_deferred
 from vig_pyg.train.checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = ["LOCK_NAME", "METRIC_COLUMNS", "RunDir"]
@@ -220,7 +220,10 @@ class RunDir:
             OutputError: a file could not be written (full disk, ...); the files before it are intact.
         """
         try:
-            self._write_epoch(state, is_best, config)
+            # A stop signal waits for the whole epoch's files: a stopped run's folder is consistent as it
+            # is (a kill still can split them; the next run repairs that, see repair()).
+            with signals_deferred():
+                self._write_epoch(state, is_best, config)
         except OutputError as err:
             raise OutputError(
                 f"{err}; the run's files of earlier epochs are intact, and --resume continues the run"
