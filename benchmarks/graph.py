@@ -18,6 +18,7 @@ from vig_pyg import kernels
 from vig_pyg.graph import knn_graph
 from vig_pyg.nn import EdgeConv, GINConv, GraphSAGE, MRConv
 from vig_pyg.nn.mr import max_relative
+from vig_pyg.ops.aggregate import blocked_max_relative
 
 # (label, query nodes, key nodes, channels) of the Graphers in the official models.
 KNN_SIZES = [
@@ -114,7 +115,7 @@ SELECT_SIZES = [
 
 
 def bench_select(batch: int, quick: bool) -> list[dict[str, object]]:
-    """The kNN's top-k selection: torch.topk against the compiled kernel (vig_pyg.graph.select)."""
+    """The kNN's top-k selection: torch.topk against the compiled kernel (vig_pyg.ops.select)."""
     if not kernels.available():
         return []
     rows = []
@@ -122,7 +123,7 @@ def bench_select(batch: int, quick: bool) -> list[dict[str, object]]:
         score = torch.randn(batch, n, m)
         base_ms, new_ms, speedup = _compare(
             lambda s=score, kd=kd: torch.topk(s, kd, dim=-1),
-            lambda s=score, kd=kd: torch.ops.vig_pyg.small_topk(s, kd),
+            lambda s=score, kd=kd: torch.ops.vig_pyg_cpu.small_topk(s, kd),
             quick,
         )
         rows.append(
@@ -140,7 +141,7 @@ def bench_select(batch: int, quick: bool) -> list[dict[str, object]]:
 
 def bench_gather_max(batch: int, quick: bool) -> list[dict[str, object]]:
     """MR's aggregation, ``[x, max_j x_j - x]`` interleaved: one (N, k, C) gather and amax against
-    cache-sized row blocks (``vig_pyg.nn.aggr``, the PyTorch path) and against the compiled kernel."""
+    cache-sized row blocks (``vig_pyg.ops.aggregate``, the PyTorch CPU kernel) and the compiled kernel."""
     rows = []
     for label, n, m, c in KNN_SIZES[:2] if quick else KNN_SIZES[:4]:
         x_src, x_dst = torch.randn(batch * m, c), torch.randn(batch * n, c)
@@ -151,8 +152,7 @@ def bench_gather_max(batch: int, quick: bool) -> list[dict[str, object]]:
             return torch.stack([x_dst, best.sub_(x_dst)], dim=-1).flatten(1)  # [x_0, m_0, x_1, ...]
 
         def blocks(x_src=x_src, x_dst=x_dst, index=index) -> torch.Tensor:
-            with kernels.disabled():
-                return max_relative(x_src, x_dst, index, 9)[0]
+            return blocked_max_relative(x_src, x_dst, index, 9, False)[0]
 
         impls = {"one_gather": one_gather, "blocks": blocks}
         if kernels.available():

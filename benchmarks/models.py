@@ -1,12 +1,14 @@
 """vig_pyg models against the dense reference (the official algorithm, un-optimised), side by side.
 
     python -m benchmarks.models [--models pvig_s_224_gelu ...] [--batch 8] [--size 224] [--train]
-                                [--quick] [--out benchmarks/results/models_cpu.csv]
+                                [--compile] [--quick] [--out benchmarks/results/models_cpu.csv]
 
 For each variant both implementations get the same weights (converted from the reference's official
 layout); each is timed for the eval forward (and with ``--train`` a training step: forward, backward,
 AdamW step) with warm-up, the two implementations called in turn, and the speed-up taken as the
-median of the per-round ratios. Every (model, size, batch) runs in a fresh process: on CPU a model's
+median of the per-round ratios. ``--compile`` times both under ``torch.compile`` instead (eval only;
+``runtime`` says which, and ``eager_img_per_s`` is the same model's eager speed in the same process).
+Every (model, size, batch) runs in a fresh process: on CPU a model's
 speed depends on the state the allocator was left in (measured: pvig_s eval at 2.5x after pvig_ti's
 training step in the same process, 3.5x on its own). Peak memory (``*_peak_mb``): on CPU (Linux)
 measured in another fresh process per model as the peak growth of the bytes the allocator holds for
@@ -160,7 +162,11 @@ def make_pair(name: str, device: torch.device, size: int = 224):
     return ref, ours
 
 
-def bench_model(name: str, batch: int, size: int, train: bool, quick: bool, device, dtype) -> list[dict]:
+def bench_model(
+    name: str, batch: int, size: int, train: bool, quick: bool, device, dtype, compiled: bool = False
+) -> list[dict]:
+    if compiled:
+        return bench_compiled(name, batch, size, quick, device, dtype)
     ref, ours = make_pair(name, device, size)
     x = torch.randn(batch, 3, size, size, device=device)
     target = torch.randint(1000, (batch,), device=device)
@@ -223,6 +229,7 @@ def bench_model(name: str, batch: int, size: int, train: bool, quick: bool, devi
             "eval_rss_mb": round(eval_mem[impl][1], 1),
             "eval_speedup": round(paired_speedup(eval_times["dense_reference"], eval_times[impl]), 2),
             "eval_knn_share": round(shares[impl], 3) if shares else "",
+            "runtime": "eager",
         }
         if train:
             row.update(
@@ -241,6 +248,50 @@ def bench_model(name: str, batch: int, size: int, train: bool, quick: bool, devi
     return rows
 
 
+def bench_compiled(name: str, batch: int, size: int, quick: bool, device, dtype) -> list[dict]:
+    """Eval under ``torch.compile`` (default mode) for both implementations, beside their eager speed."""
+    ref, ours = make_pair(name, device, size)
+    x = torch.randn(batch, 3, size, size, device=device)
+    sync = device.type == "cuda"
+    autocast = dict(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+    models = {"dense_reference": ref.eval(), "vig_pyg": ours.eval()}
+
+    def forward_fn(model):
+        def forward():
+            with torch.no_grad(), torch.autocast(**autocast):
+                return model(x)
+
+        return forward
+
+    compiled = {impl: forward_fn(torch.compile(m)) for impl, m in models.items()}
+    for forward in compiled.values():  # compile outside the timed rounds
+        forward()
+    eager = {impl: forward_fn(m) for impl, m in models.items()}
+    repeats = 3 if quick else 9
+    times = paired_times(
+        {**{f"{i} compiled": f for i, f in compiled.items()}, **eager}, warmup=1, repeats=repeats, sync=sync
+    )
+    rows = []
+    for impl in models:
+        rows.append(
+            {
+                "model": name,
+                "impl": impl,
+                "batch": batch,
+                "size": size,
+                "dtype": str(dtype).replace("torch.", ""),
+                "eval_img_per_s": round(batch / statistics.median(times[f"{impl} compiled"]), 2),
+                "eval_speedup": round(
+                    paired_speedup(times["dense_reference compiled"], times[f"{impl} compiled"]), 2
+                ),
+                "runtime": "compile",
+                "eager_img_per_s": round(batch / statistics.median(times[impl]), 2),
+                "compiled_vs_eager": round(paired_speedup(times[impl], times[f"{impl} compiled"]), 2),
+            }
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -250,6 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, nargs="+", default=[224])
     parser.add_argument("--train", action="store_true", help="also time a training step and its memory")
     parser.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
+    parser.add_argument("--compile", action="store_true", help="time eval under torch.compile instead")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument(
@@ -262,19 +314,22 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     if args.no_kernels:
         os.environ["VIG_PYG_NO_KERNELS"] = "1"  # inherited by the fresh processes below
+    if args.compile and args.train:
+        parser.error("--compile times eval only; leave out --train")
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     env = {"kernels": "off" if args.no_kernels or not kernels.available() else "on", **environment()}
     rows = []
     for name in args.models:
         for size in args.size:
             for batch in args.batch:
-                config = (name, batch, size, args.train, args.quick, device, dtype)
+                config = (name, batch, size, args.train, args.quick, device, dtype, args.compile)
                 with multiprocessing.get_context("spawn").Pool(1) as fresh:  # see the module docstring
                     config_rows = fresh.apply(bench_model, config)
                 for row in config_rows:
                     rows.append({**row, **env})
                     print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-    out = args.out or RESULTS / f"models_{device.type}.csv"
+    suffix = "_compiled" if args.compile else ""
+    out = args.out or RESULTS / f"models_{device.type}{suffix}.csv"
     write_csv(out, rows)
     print(f"wrote {out}")
 

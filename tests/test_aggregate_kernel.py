@@ -1,5 +1,5 @@
-"""The compiled neighbour-max kernels against the PyTorch computations they replace, and the dispatch
-around them (MRConv, gather_max) with and without them."""
+"""The neighbour-max operators: compiled kernels against the PyTorch computations they replace, the
+operators' autograd and fake kernels, and their callers (MRConv, gather_max) with either CPU kernel."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import sys
 import pytest
 import torch
 
-from vig_pyg import kernels
+from vig_pyg import kernels, ops
 from vig_pyg.graph import knn_graph
 from vig_pyg.nn import MRConv
 from vig_pyg.nn.aggr import gather_max, neighbor_max
-from vig_pyg.nn.mr import _interleave, max_relative
+from vig_pyg.nn.mr import max_relative
+from vig_pyg.ops.aggregate import interleave
 
 kernel = pytest.mark.skipif(
     not kernels.available(),
@@ -43,11 +44,11 @@ def neighbors(num_src: int, num_dst: int, k: int) -> torch.Tensor:
 def test_neighbor_max_kernel_equals_gather_and_amax(num_src, num_dst, k, c, dtype) -> None:
     x = torch.randint(-4, 4, (num_src, c)).to(dtype)  # small integers: many exact ties
     index = neighbors(num_src, num_dst, k)
-    best, pos = torch.ops.vig_pyg.neighbor_max(x, index, k, True)
+    best, pos = torch.ops.vig_pyg_cpu.neighbor_max(x, index, k, True)
     ref_best, ref_pos = reference(x, index, k)
     assert best.dtype == dtype and pos.dtype == torch.uint8
     assert torch.equal(best, ref_best) and torch.equal(pos, ref_pos)
-    assert torch.equal(torch.ops.vig_pyg.neighbor_max(x, index, k, False)[0], ref_best)
+    assert torch.equal(torch.ops.vig_pyg_cpu.neighbor_max(x, index, k, False)[0], ref_best)
 
 
 @kernel
@@ -55,9 +56,9 @@ def test_neighbor_max_kernel_equals_gather_and_amax(num_src, num_dst, k, c, dtyp
 def test_max_relative_kernel_equals_interleaved_max_minus_centre(dtype) -> None:
     x_src, x_dst = torch.randn(60, 24, dtype=dtype), torch.randn(45, 24, dtype=dtype)
     index = neighbors(60, 45, 9)
-    h, pos = torch.ops.vig_pyg.max_relative(x_src, x_dst, index, 9, True)
+    h, pos = torch.ops.vig_pyg_cpu.max_relative(x_src, x_dst, index, 9, True)
     best, ref_pos = reference(x_src, index, 9)
-    assert torch.equal(h, _interleave(x_dst, best - x_dst)) and torch.equal(pos, ref_pos)
+    assert torch.equal(h, interleave(x_dst, best - x_dst)) and torch.equal(pos, ref_pos)
     assert h.shape == (45, 48)
 
 
@@ -68,7 +69,7 @@ def test_kernels_propagate_nan_and_infinities_like_amax() -> None:
     x[4, :4] = float("inf")
     x[6, 4:] = float("-inf")
     index = torch.tensor([0, 3, 5, 4, 6, 6, 7, 5, 3, 6, 6, 6])  # 4 rows of k = 3
-    best, pos = torch.ops.vig_pyg.neighbor_max(x, index, 3, True)
+    best, pos = torch.ops.vig_pyg_cpu.neighbor_max(x, index, 3, True)
     ref_best, _ = reference(x, index, 3)
     assert torch.equal(best.isnan(), ref_best.isnan())
     assert torch.equal(best.nan_to_num(), ref_best.nan_to_num())
@@ -82,17 +83,17 @@ def test_kernels_take_strided_inputs_and_empty_graphs() -> None:
     x_dst = torch.randn(16, 20).t()
     edge_index = torch.stack([neighbors(30, 20, 4), torch.arange(20).repeat_interleave(4)])
     index = edge_index[0]  # a row of a (2, E) tensor
-    h, _ = torch.ops.vig_pyg.max_relative(x_src, x_dst, index, 4, False)
+    h, _ = torch.ops.vig_pyg_cpu.max_relative(x_src, x_dst, index, 4, False)
     best, _ = reference(x_src.contiguous(), index, 4)
-    assert torch.equal(h, _interleave(x_dst, best - x_dst))
-    empty, pos = torch.ops.vig_pyg.neighbor_max(x_src, index[:0], 4, True)
+    assert torch.equal(h, interleave(x_dst, best - x_dst))
+    empty, pos = torch.ops.vig_pyg_cpu.neighbor_max(x_src, index[:0], 4, True)
     assert empty.shape == (0, 16) and pos.shape == (0, 16)
 
 
 @kernel
 def test_kernels_reject_bad_input() -> None:
     x, index = torch.randn(10, 4), torch.randint(0, 10, (12,))
-    op = torch.ops.vig_pyg.neighbor_max
+    op = torch.ops.vig_pyg_cpu.neighbor_max
     with pytest.raises(RuntimeError, match="out of range"):
         op(x, torch.tensor([0, 10, 1]), 3, False)
     with pytest.raises(RuntimeError, match="out of range"):
@@ -108,9 +109,9 @@ def test_kernels_reject_bad_input() -> None:
     with pytest.raises(RuntimeError, match="int64"):
         op(x, index.int(), 3, False)
     with pytest.raises(RuntimeError, match="x_dst must be"):
-        torch.ops.vig_pyg.max_relative(x, torch.randn(3, 4), index, 3, False)
+        torch.ops.vig_pyg_cpu.max_relative(x, torch.randn(3, 4), index, 3, False)
     with pytest.raises(RuntimeError, match="dtype of x_src"):
-        torch.ops.vig_pyg.max_relative(x, torch.randn(4, 4, dtype=torch.float64), index, 3, False)
+        torch.ops.vig_pyg_cpu.max_relative(x, torch.randn(4, 4, dtype=torch.float64), index, 3, False)
 
 
 @kernel
@@ -118,7 +119,7 @@ def test_callers_equal_with_and_without_kernels() -> None:
     x_src, x_dst = torch.randn(70, 12), torch.randn(50, 12)
     index = neighbors(70, 50, 6)
     with_kernels = (neighbor_max(x_src, index, 6, positions=True), max_relative(x_src, x_dst, index, 6, True))
-    with kernels.disabled():
+    with ops.pytorch_kernels():
         without = (neighbor_max(x_src, index, 6, positions=True), max_relative(x_src, x_dst, index, 6, True))
     for (a, pa), (b, pb) in zip(with_kernels, without):
         assert torch.equal(a, b) and torch.equal(pa, pb)
@@ -148,16 +149,16 @@ def test_mrconv_same_with_and_without_kernels(monkeypatch: pytest.MonkeyPatch, b
         return (out_eval, out, *grads)
 
     calls = []
-    op = torch.ops.vig_pyg.max_relative
+    op = torch.ops.vig_pyg_cpu.max_relative
 
     def spy(*args):
         calls.append(args[3])
         return op(*args)
 
-    monkeypatch.setattr(torch.ops.vig_pyg, "max_relative", spy)
+    monkeypatch.setattr(torch.ops.vig_pyg_cpu, "max_relative", spy)
     with_kernels = run()
     assert calls == [7, 7]  # eval, and the training forward (positions for backward)
-    with kernels.disabled():
+    with ops.pytorch_kernels():
         without = run()
     assert len(calls) == 2
     for a, b in zip(with_kernels, without):
@@ -170,32 +171,51 @@ def test_gather_max_gradient_same_with_and_without_kernels() -> None:
     edge_index = torch.stack([neighbors(40, 25, 5), torch.arange(25).repeat_interleave(5)])
     grad_out = torch.randn(25, 8)
     with_kernels = torch.autograd.grad(gather_max(x, edge_index, 5), x, grad_out)[0]
-    with kernels.disabled():
+    with ops.pytorch_kernels():
         without = torch.autograd.grad(gather_max(x, edge_index, 5), x, grad_out)[0]
     assert torch.equal(without, with_kernels)
 
 
-@kernel
-def test_usable_only_where_the_kernels_apply() -> None:
-    x = torch.randn(4, 3)
-    assert kernels.usable(x) and kernels.usable(x.double())
-    assert not kernels.usable(x.bfloat16()) and not kernels.usable(x, x.half())
-    leaf = x.clone().requires_grad_()
-    assert not kernels.usable(leaf)  # autograd records: the PyTorch path keeps the graph
-    with torch.no_grad():
-        assert kernels.usable(leaf)
-    with kernels.disabled():
-        assert not kernels.usable(x)
-        with kernels.disabled():
-            pass
-        assert not kernels.usable(x)  # nested blocks restore the outer state
-    assert kernels.usable(x)
+@pytest.mark.parametrize("positions", [True, False])
+def test_operators_autograd_and_fake_kernels(positions: bool) -> None:
+    """opcheck (schema, fake kernel, autograd registration) and gradcheck; without positions in the
+    forward, backward finds the winners again from x_src."""
+    x_src = torch.randn(30, 5, dtype=torch.float64, requires_grad=True)
+    x_dst = torch.randn(20, 5, dtype=torch.float64, requires_grad=True)
+    index = neighbors(30, 20, 4)
+    torch.library.opcheck(torch.ops.vig_pyg.neighbor_max.default, (x_src, index, 4, positions))
+    torch.library.opcheck(torch.ops.vig_pyg.max_relative.default, (x_src, x_dst, index, 4, positions))
+    assert torch.autograd.gradcheck(lambda s: ops.neighbor_max(s, index, 4, positions)[0], (x_src,))
+    assert torch.autograd.gradcheck(
+        lambda s, d: ops.max_relative(s, d, index, 4, positions)[0], (x_src, x_dst)
+    )
+
+
+def test_operators_compile_and_export_as_themselves() -> None:
+    """torch.compile and torch.export keep the operators (so the CPU kernel runs there too); ONNX's
+    decomposition table turns them back into PyTorch ops."""
+    x_src, x_dst, index = torch.randn(30, 6), torch.randn(20, 6), neighbors(30, 20, 4)
+
+    class MR(torch.nn.Module):
+        def forward(self, x_src: torch.Tensor, x_dst: torch.Tensor) -> torch.Tensor:
+            return ops.max_relative(x_src, x_dst, index, 4, False)[0]
+
+    expected = MR()(x_src, x_dst)
+    assert torch.equal(torch.compile(MR(), fullgraph=True)(x_src, x_dst), expected)
+    program = torch.export.export(MR(), (x_src, x_dst))
+    assert torch.ops.vig_pyg.max_relative.default in {n.target for n in program.graph.nodes}
+    table = torch.export.default_decompositions()
+    table.update(ops.decompositions())
+    plain = program.run_decompositions(table)
+    assert not any(str(n.target).startswith("vig_pyg") for n in plain.graph.nodes)
+    assert torch.equal(plain.module()(x_src, x_dst), expected)
 
 
 def test_environment_variable_keeps_the_kernels_unloaded() -> None:
     code = (
-        "import torch, vig_pyg.kernels as k; print(k.available(), hasattr(torch.ops.vig_pyg, 'max_relative'))"
+        "import torch, vig_pyg.ops as o, vig_pyg.kernels as k; "
+        "print(k.available(), hasattr(torch.ops.vig_pyg_cpu, 'max_relative'), o.cpu_kernels())"
     )
     env = {**os.environ, "VIG_PYG_NO_KERNELS": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["False", "False"]
+    assert out.stdout.split() == ["False", "False", "pytorch"]

@@ -7,20 +7,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vig_pyg import kernels
 from vig_pyg.layers.common import ConvNorm
-from vig_pyg.nn import aggr
-from vig_pyg.nn.aggr import _first_argmax, neighbor_max
 from vig_pyg.nn.mlp import GroupedMLP, activate, fold_pays
+from vig_pyg.ops import aggregate
+from vig_pyg.ops.aggregate import _first_argmax, blocked_neighbor_max
 
 
 def test_blocked_neighbor_max_equals_one_gather(monkeypatch) -> None:
-    monkeypatch.setattr(aggr, "_BLOCK_ELEMENTS", 64)  # many blocks, with a ragged last one
-    monkeypatch.setattr(aggr, "_WHOLE_MAX_ELEMENTS", 0)
+    monkeypatch.setattr(aggregate, "_BLOCK_ELEMENTS", 64)  # many blocks, with a ragged last one
+    monkeypatch.setattr(aggregate, "_WHOLE_MAX_ELEMENTS", 0)
     x = torch.randint(-3, 3, (50, 7)).float()  # ties between neighbours
     index = torch.randint(0, 50, (41 * 5,))
-    with kernels.disabled():  # the PyTorch path, in blocks
-        best, pos = neighbor_max(x, index, 5, positions=True)
+    best, pos = blocked_neighbor_max(x, index, 5, True)  # the PyTorch CPU kernel, in blocks
     gathered = x.index_select(0, index).view(41, 5, 7)
     assert torch.equal(best, gathered.amax(1))
     assert torch.equal(pos, _first_argmax(gathered, gathered.amax(1)))

@@ -14,7 +14,7 @@ import vig_pyg
 from vig_pyg.graph import knn_graph
 from vig_pyg.layers import FFN, ConvNorm, Grapher, Stem
 from vig_pyg.nn import MRConv
-from vig_pyg.nn.aggr import _first_argmax, gather_max
+from vig_pyg.nn.aggr import gather_max
 from vig_pyg.nn.mlp import grouped_linear
 from vig_pyg.nn.recompute import (
     batch_norm_once,
@@ -23,6 +23,7 @@ from vig_pyg.nn.recompute import (
     recompute_disabled,
     recompute_enabled,
 )
+from vig_pyg.ops.aggregate import _first_argmax
 
 
 def saved_bytes(fn, exclude=()) -> int:

@@ -1,12 +1,11 @@
-"""The compiled top-k selection kernel against torch.topk, and the dispatch around it."""
+"""The compiled top-k selection kernel against torch.topk, and the operator that dispatches to it."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-import vig_pyg.graph.select as select
-from vig_pyg import kernels
+from vig_pyg import kernels, ops
 from vig_pyg.graph import knn_graph
 from vig_pyg.graph.knn import dense_knn
 
@@ -17,7 +16,7 @@ kernel = pytest.mark.skipif(
 
 
 def small_topk(score: torch.Tensor, k: int) -> torch.Tensor:
-    return torch.ops.vig_pyg.small_topk(score, k)
+    return torch.ops.vig_pyg_cpu.small_topk(score, k)
 
 
 @kernel
@@ -89,12 +88,29 @@ def test_kernel_rejects_bad_input() -> None:
         small_topk(torch.randint(0, 5, (4, 5)), 2)
 
 
-def test_topk_indices_falls_back_where_the_kernel_does_not_apply() -> None:
+def test_knn_topk_falls_back_where_the_kernel_does_not_apply() -> None:
     score = torch.randn(20, 70)
-    for s, k in [(score.half(), 5), (score.bfloat16(), 5), (score, select.KERNEL_MAX_K + 1)]:
-        assert torch.equal(select.topk_indices(s, k), torch.topk(s, k, dim=-1).indices)
+    for s, k in [(score.half(), 5), (score.bfloat16(), 5), (score, ops.KERNEL_MAX_K + 1)]:
+        assert torch.equal(ops.knn_topk(s, k), torch.topk(s, k, dim=-1).indices)
     grad = score.clone().requires_grad_()
-    assert torch.equal(select.topk_indices(grad, 5), torch.topk(score, 5, dim=-1).indices)
+    assert torch.equal(ops.knn_topk(grad, 5), torch.topk(score, 5, dim=-1).indices)
+
+
+def test_knn_topk_is_one_operator_in_every_runtime() -> None:
+    """Eager, compiled and exported code call the same operator (and so the same CPU kernel)."""
+    torch.library.opcheck(torch.ops.vig_pyg.knn_topk.default, (torch.randn(6, 30), 4))
+    score = torch.randn(2, 40, 30)
+    compiled = torch.compile(lambda s: ops.knn_topk(s, 5), fullgraph=True)
+    assert torch.equal(compiled(score), ops.knn_topk(score, 5))
+    program = torch.export.export(_TopK(), (score,))
+    targets = {n.target for n in program.graph.nodes if n.op == "call_function"}
+    assert torch.ops.vig_pyg.knn_topk.default in targets
+    assert torch.equal(program.module()(score), ops.knn_topk(score, 5))
+
+
+class _TopK(torch.nn.Module):
+    def forward(self, score: torch.Tensor) -> torch.Tensor:
+        return ops.knn_topk(score, 5)
 
 
 @kernel
@@ -103,21 +119,22 @@ def test_dense_search_same_with_and_without_kernel() -> None:
     y = torch.randn(2, 40, 16)
     bias = torch.rand(150, 40)
     with_kernel = dense_knn(x, y, 9, bias)
-    with kernels.disabled():
+    with ops.pytorch_kernels():
+        assert ops.cpu_kernels() == "pytorch"
         assert torch.equal(dense_knn(x, y, 9, bias), with_kernel)
-    assert kernels.available()
+    assert ops.cpu_kernels() == "compiled"
 
 
 @kernel
 def test_knn_graph_uses_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    op = torch.ops.vig_pyg.small_topk
+    op = torch.ops.vig_pyg_cpu.small_topk
 
     def spy(score: torch.Tensor, k: int) -> torch.Tensor:
         calls.append(k)
         return op(score, k)
 
-    monkeypatch.setattr(torch.ops.vig_pyg, "small_topk", spy)
+    monkeypatch.setattr(torch.ops.vig_pyg_cpu, "small_topk", spy)
     x = torch.randn(60, 8 + 16)
     edges = knn_graph(x, 5, dilation=2, method="dense")
     assert calls == [10] and edges.shape == (2, 300)

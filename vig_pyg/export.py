@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
+from vig_pyg import ops
 from vig_pyg.files import atomic_path
 from vig_pyg.graph.dynamic import GridKNNGraph
 from vig_pyg.layers.blocks import FFN, Grapher
@@ -98,9 +99,15 @@ def export_onnx(
     # The example input only fixes shapes; a generator of its own leaves the caller's RNG state alone.
     x = torch.randn(batch_size, *input_size, generator=torch.Generator().manual_seed(0))
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1, max=4096)},) if dynamic_batch else None
+    # vig_pyg's operators (vig_pyg.ops) have no ONNX counterpart: exported, they are turned back into
+    # their PyTorch implementations, which the ONNX exporter knows.
+    exported = torch.export.export(model, (x,), dynamic_shapes=dynamic_shapes)
+    table = torch.export.default_decompositions()
+    table.update(ops.decompositions())
+    exported = exported.run_decompositions(table)
     program = torch.onnx.export(
-        model, (x,), dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=opset, input_names=["images"],
-        output_names=["logits"], verbose=False,
+        exported, (x,), dynamo=True, opset_version=opset, input_names=["images"], output_names=["logits"],
+        verbose=False,
     )  # fmt: skip
     with atomic_path(path) as tmp:
         program.save(str(tmp))

@@ -1,21 +1,20 @@
 """Optional compiled CPU kernels, built on the user's machine against the installed torch.
 
-Two steps of a ViG block are faster written as plain loops than as PyTorch ops on CPU:
+Two steps of a ViG block are faster written as plain loops than as PyTorch ops on CPU, and are the CPU
+kernels of vig_pyg's operators (:mod:`vig_pyg.ops`) where they are built:
 
-* ``torch.ops.vig_pyg.small_topk`` (``csrc/select.cpp``): the dense kNN's top-k for small ``k``
-  (:func:`vig_pyg.graph.select.topk_indices`);
-* ``torch.ops.vig_pyg.neighbor_max`` and ``torch.ops.vig_pyg.max_relative`` (``csrc/aggregate.cpp``):
-  MRConv's max over each node's neighbours, reduced without materialising the ``(N, k, C)`` neighbour
-  tensor, and MR's interleaved ``[x, max - x]`` input written in the same pass
-  (:func:`vig_pyg.nn.aggr.neighbor_max`, :class:`vig_pyg.nn.MRConv`).
+* ``torch.ops.vig_pyg_cpu.small_topk`` (``csrc/select.cpp``): the dense kNN's top-k for small ``k``
+  (operator ``vig_pyg::knn_topk``);
+* ``torch.ops.vig_pyg_cpu.neighbor_max`` and ``max_relative`` (``csrc/aggregate.cpp``): the max over each
+  node's neighbours, reduced without materialising the ``(N, k, C)`` neighbour tensor, and MR's interleaved
+  ``[x, max - x]`` input written in the same pass (operators ``vig_pyg::neighbor_max``, ``max_relative``).
 
 ``vig-pyg kernels --build`` (which ``make`` runs) compiles them into one library in
 ``~/.cache/vig_pyg/ops/torch-<version>/`` (``VIG_PYG_OPS_DIR`` overrides the root), keyed by a hash of the
 sources so that an edited kernel is never confused with an old build. It needs a C++ compiler and ninja
-(the ``kernels`` extra). Without the library, on GPU, for float16/bfloat16, while autograd records, or
-while ``torch.compile``/``torch.export``/FX capture the model, every caller takes its PyTorch path:
-results are the same either way (see each caller for the one documented difference, tie order in
-``topk``).
+(the ``kernels`` extra). Without the library (or with ``VIG_PYG_NO_KERNELS=1`` in the environment) the
+operators' CPU kernels are their PyTorch implementations: results are the same either way (see
+:mod:`vig_pyg.ops.select` for the one documented difference, the order of tied scores).
 """
 
 from __future__ import annotations
@@ -29,19 +28,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
-from vig_pyg.tracing import is_tracing
-
-__all__ = ["available", "build", "disabled", "library_path", "usable"]
+__all__ = ["available", "build", "library_path"]
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = (_CSRC / "select.cpp", _CSRC / "aggregate.cpp")
 _HEADERS = (_CSRC / "vectorize.h",)
-_OPS = ("small_topk", "neighbor_max", "max_relative")
+_OPS = ("small_topk", "neighbor_max", "max_relative")  # in torch.ops.vig_pyg_cpu
 log = logging.getLogger(__name__)
 _loaded: bool | None = None  # None: not looked for yet
-_enabled = True
 
 
 def _library_name() -> str:
@@ -64,13 +59,13 @@ def available() -> bool:
     """Whether the compiled kernels are loaded (loading them on first call if they were built).
 
     ``VIG_PYG_NO_KERNELS=1`` in the environment keeps them unloaded, for a whole process and the
-    processes it starts (``disabled()`` is the in-process switch).
+    processes it starts.
     """
     global _loaded
     if _loaded is None and os.environ.get("VIG_PYG_NO_KERNELS", "") not in ("", "0"):
         _loaded = False
     if _loaded is None:
-        _loaded = all(hasattr(torch.ops.vig_pyg, op) for op in _OPS)
+        _loaded = all(hasattr(torch.ops.vig_pyg_cpu, op) for op in _OPS)
         path = library_path()
         if not _loaded and path.exists():
             try:
@@ -147,29 +142,7 @@ def build(verbose: bool = False) -> Path:
             verbose=verbose,
         )
     _loaded = True
+    from vig_pyg import ops  # the operators' CPU kernels switch to the library
+
+    ops.register_cpu_kernels()
     return library_path()
-
-
-@contextlib.contextmanager
-def disabled() -> Iterator[None]:
-    """Run the PyTorch paths instead of the compiled kernels inside this block (to compare or debug)."""
-    global _enabled
-    previous, _enabled = _enabled, False
-    try:
-        yield
-    finally:
-        _enabled = previous
-
-
-def usable(*tensors: Tensor) -> bool:
-    """Whether the kernels can stand in for the PyTorch path on these inputs: CPU float32/float64
-    tensors that autograd does not record, in eager mode, with the library loaded and no
-    :func:`disabled` block active."""
-    recording = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    return (
-        _enabled
-        and not recording
-        and all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64) for t in tensors)
-        and not is_tracing()
-        and available()
-    )

@@ -155,12 +155,12 @@ std::tuple<at::Tensor, at::Tensor> max_relative(const at::Tensor& x_src, const a
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(vig_pyg, m) {
+TORCH_LIBRARY_FRAGMENT(vig_pyg_cpu, m) {
   m.def("neighbor_max(Tensor x_src, Tensor index, int k, bool positions) -> (Tensor, Tensor)");
   m.def("max_relative(Tensor x_src, Tensor x_dst, Tensor index, int k, bool positions) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(vig_pyg, CPU, m) {
+TORCH_LIBRARY_IMPL(vig_pyg_cpu, CPU, m) {
   m.impl("neighbor_max", &neighbor_max);
   m.impl("max_relative", &max_relative);
 }

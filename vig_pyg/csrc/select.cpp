@@ -217,10 +217,10 @@ at::Tensor small_topk(const at::Tensor& score, int64_t k) {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(vig_pyg, m) {
+TORCH_LIBRARY_FRAGMENT(vig_pyg_cpu, m) {
   m.def("small_topk(Tensor score, int k) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(vig_pyg, CPU, m) {
+TORCH_LIBRARY_IMPL(vig_pyg_cpu, CPU, m) {
   m.impl("small_topk", &small_topk);
 }

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vig_pyg.graph.select import topk_indices
+from vig_pyg.ops import knn_topk
 
 __all__ = [
     "KNNMethod",
@@ -113,7 +113,7 @@ def dense_knn(
         score = torch.bmm(queries, keys.transpose(1, 2))  # (B, N, M)
     else:
         score = torch.baddbmm(bias.to(queries.dtype), queries, keys.transpose(1, 2), beta=-1)
-    return topk_indices(score, k)  # (B, N, k), sorted by ascending distance
+    return knn_topk(score, k)  # (B, N, k), sorted by ascending distance
 
 
 def neighbors_to_edge_index(nbr: Tensor, key_offset: Tensor | int | None = None) -> Tensor:

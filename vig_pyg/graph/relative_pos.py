@@ -13,14 +13,11 @@ Everything is computed with torch ops in float64 (then cast to float32), so that
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from vig_pyg.graph.knn import LowRankBias
-from vig_pyg.tracing import is_tracing
 
 __all__ = ["relative_position_bias", "relative_position_factors", "sincos_pos_embed"]
 
@@ -63,15 +60,15 @@ def _bias(dim: int, height: int, width: int, reduce_ratio: int) -> Tensor:
     return (-(query @ key.t())).float()
 
 
-_cached_factors = functools.lru_cache(maxsize=128)(_factors)
-_cached_bias = functools.lru_cache(maxsize=128)(_bias)
-
-
 def relative_position_factors(
     dim: int, height: int, width: int, reduce_ratio: int = 1, device: torch.device | str | None = None
 ) -> LowRankBias:
-    """The term as a :class:`LowRankBias` (``bias = -query @ key.T``), usable by every kNN back-end."""
-    query, key = (_factors if is_tracing() else _cached_factors)(dim, height, width, reduce_ratio)
+    """The term as a :class:`LowRankBias` (``bias = -query @ key.T``), usable by every kNN back-end.
+
+    Computed on every call (a pure function of the sizes, so ``torch.compile`` and ``torch.export`` trace
+    it): modules keep it for their planned grid (:class:`~vig_pyg.graph.GridKNNGraph`'s buffers).
+    """
+    query, key = _factors(dim, height, width, reduce_ratio)
     return LowRankBias(query.float().to(device), key.float().to(device))
 
 
@@ -79,4 +76,4 @@ def relative_position_bias(
     dim: int, height: int, width: int, reduce_ratio: int = 1, device: torch.device | str | None = None
 ) -> Tensor:
     """The ``(H W, (H / r)(W / r))`` float32 bias matrix (values in ``[-1, 0)``), computed in float64."""
-    return (_bias if is_tracing() else _cached_bias)(dim, height, width, reduce_ratio).to(device)
+    return _bias(dim, height, width, reduce_ratio).to(device)

@@ -10,7 +10,8 @@ The max is taken in blocks of rows: the whole ``(N, k, C)`` neighbour tensor of 
 through memory twice, while a block of about 2.4 MB stays in cache; blocked, the same gather and max
 measured 4x to 5x faster on CPU at the first two stages' sizes (``benchmarks/graph.py``). With the
 compiled kernels of :mod:`vig_pyg.kernels`, CPU reduces every row straight from the source rows instead,
-without the intermediate (a further 2x, and 4x to 8x when the winners' positions are wanted).
+without the intermediate (a further 2x, and 4x to 8x when the winners' positions are wanted). Both are
+CPU kernels of the operator ``vig_pyg::neighbor_max`` (:mod:`vig_pyg.ops.aggregate`).
 """
 
 from __future__ import annotations
@@ -19,20 +20,11 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from vig_pyg import kernels
+from vig_pyg import ops
+from vig_pyg.ops import MAX_K_POSITIONS
 from vig_pyg.tracing import is_tracing
 
 __all__ = ["MAX_K_POSITIONS", "check_k_regular", "gather_max", "gather_neighbors", "neighbor_max"]
-
-# The winner of every max is kept as a byte: up to this many neighbours.
-MAX_K_POSITIONS = 256
-
-# Output elements per block of rows in neighbor_max (the block's neighbours: k times as many).
-_BLOCK_ELEMENTS = 1 << 16
-# Up to this many neighbour elements (16 MB in float32) one gather is faster than a loop over blocks
-# (measured at Pyramid ViG's last stage: 2.3 M elements, blocks 1.4x slower; third stage: 5.6 M, 1.3x
-# faster).
-_WHOLE_MAX_ELEMENTS = 1 << 22
 
 
 def check_k_regular(edge_index: Tensor, num_targets: int, k: int) -> None:
@@ -67,47 +59,13 @@ def gather_neighbors(x_src: Tensor, edge_index: Tensor, k: int) -> Tensor:
     return x_src.index_select(0, edge_index[0]).view(-1, k, x_src.size(-1))
 
 
-def _first_argmax(gathered: Tensor, best: Tensor) -> Tensor:
-    """``(N, C)`` position in ``[0, k)`` of the first of ``k`` neighbours reaching ``best``, as uint8.
-
-    ``Tensor.max(dim)`` returns the same but ran 20x slower than ``amax`` over the middle axis here.
-    Instead: weight the positions that reach the max by ``k - j`` (a byte each) and take the largest.
-    """
-    k = gathered.size(1)
-    weights = torch.arange(k, 0, -1, dtype=torch.uint8, device=gathered.device).view(1, k, 1)
-    return (k - ((gathered == best.unsqueeze(1)) * weights).amax(dim=1)).to(torch.uint8)
-
-
 def neighbor_max(
     x_src: Tensor, index: Tensor, k: int, positions: bool = False
 ) -> tuple[Tensor, Tensor | None]:
     """``(N, C)`` channel-wise max over ``x_src[index[i * k:(i + 1) * k]]`` for every row ``i``, and with
-    ``positions`` the first winner's position in ``[0, k)`` (uint8, see :func:`_first_argmax`).
-
-    No autograd (callers wrap it in their own backward). On CPU in eager mode by the compiled kernel
-    (:mod:`vig_pyg.kernels`) when it is built, else in cache-sized blocks of rows when the neighbours would
-    take more than 16 MB; in one piece otherwise, on GPU (where many small launches cost more than the
-    memory traffic) and when captured by ``torch.compile`` or ``torch.export``, which fuse it themselves.
-    """
-    if k <= MAX_K_POSITIONS and kernels.usable(x_src):
-        best, pos = torch.ops.vig_pyg.neighbor_max(x_src, index, k, positions)
-        return best, pos if positions else None
-    c = x_src.size(-1)
-    if is_tracing() or x_src.device.type != "cpu" or index.numel() * c <= _WHOLE_MAX_ELEMENTS:
-        gathered = x_src.index_select(0, index).view(-1, k, c)
-        best = gathered.amax(dim=1)
-        return best, _first_argmax(gathered, best) if positions else None
-    n = index.numel() // k
-    best = x_src.new_empty(n, c)
-    pos = torch.empty(n, c, dtype=torch.uint8, device=x_src.device) if positions else None
-    rows = max(1, _BLOCK_ELEMENTS // c)
-    for start in range(0, n, rows):
-        end = min(n, start + rows)
-        gathered = x_src.index_select(0, index[start * k : end * k]).view(end - start, k, c)
-        torch.amax(gathered, dim=1, out=best[start:end])
-        if pos is not None:
-            pos[start:end] = _first_argmax(gathered, best[start:end])
-    return best, pos
+    ``positions`` the first winner's position in ``[0, k)`` (uint8): operator ``vig_pyg::neighbor_max``."""
+    best, pos = ops.neighbor_max(x_src, index, k, positions)
+    return best, pos if positions else None
 
 
 class _GatherMax(torch.autograd.Function):

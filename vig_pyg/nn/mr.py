@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from vig_pyg import kernels
-from vig_pyg.nn.aggr import MAX_K_POSITIONS, check_k_regular, gather_max, neighbor_max
+from vig_pyg import ops
+from vig_pyg.nn.aggr import check_k_regular, gather_max
 from vig_pyg.nn.base import PairTensor, ViGConv
 from vig_pyg.nn.mlp import GroupedMLP, grouped_linear
 from vig_pyg.nn.recompute import (
@@ -20,13 +20,9 @@ from vig_pyg.nn.recompute import (
     layer_backward,
     recompute_enabled,
 )
+from vig_pyg.ops.aggregate import MAX_K_POSITIONS, interleave
 
 __all__ = ["MRConv"]
-
-
-def _interleave(x_dst: Tensor, rel: Tensor) -> Tensor:
-    """``(N, 2C)`` input of MR's linear layer: ``[x_0, m_0, x_1, m_1, ...]``, the official channel order."""
-    return torch.stack([x_dst, rel], dim=-1).flatten(1)
 
 
 def max_relative(
@@ -34,16 +30,9 @@ def max_relative(
 ) -> tuple[Tensor, Tensor | None]:
     """MR's interleaved ``(N, 2C)`` linear input ``[x_dst, max_j x_src[j] - x_dst]`` for the ``k``
     target-sorted sources ``index`` of every target, and with ``positions`` the first winner of every max
-    (uint8, see :func:`vig_pyg.nn.aggr.neighbor_max`). No autograd.
-
-    On CPU the compiled kernel (:mod:`vig_pyg.kernels`) writes it in one pass; elsewhere it is
-    ``neighbor_max``, a subtraction and an interleaving copy.
-    """
-    if k <= MAX_K_POSITIONS and x_src.dtype == x_dst.dtype and kernels.usable(x_src, x_dst):
-        h, pos = torch.ops.vig_pyg.max_relative(x_src, x_dst, index, k, positions)
-        return h, pos if positions else None
-    best, pos = neighbor_max(x_src, index, k, positions)
-    return _interleave(x_dst, best.sub_(x_dst)), pos
+    (uint8): operator ``vig_pyg::max_relative`` (:mod:`vig_pyg.ops.aggregate`)."""
+    h, pos = ops.max_relative(x_src, x_dst, index, k, positions)
+    return h, pos if positions else None
 
 
 class _MaxRelativeLinear(torch.autograd.Function):
@@ -79,7 +68,7 @@ class _MaxRelativeLinear(torch.autograd.Function):
             x_src, x_dst = kept
         source = index.view(-1, ctx.k).gather(1, pos.long())  # (N, C) source node of every max
         rel = x_src.detach().gather(0, source).sub_(x_dst.detach())
-        h = _interleave(x_dst.detach(), rel)
+        h = interleave(x_dst.detach(), rel)
         grad_h, grad_w, grad_b = layer_backward(_GroupedLinear(ctx.groups), grad_out, h, weight, ctx.dtype)
         grad_h = grad_h.view(grad_h.size(0), -1, 2)
         grad_rel = grad_h[..., 1]
@@ -200,7 +189,7 @@ class MRConv(ViGConv):
                 rel = gather_max(x_src, edge_index, k) - x_dst  # (N, C)
             else:
                 rel = self.propagate(edge_index, x=(x_src, x_dst))
-            h = _interleave(x_dst, rel)
+            h = interleave(x_dst, rel)
         return self.nn(h, pre_norm=pre_norm)
 
     def message(self, x_i: Tensor, x_j: Tensor) -> Tensor:
