@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from vig_pyg import ops
 from vig_pyg.ops import MAX_K_POSITIONS
@@ -68,38 +67,13 @@ def neighbor_max(
     return best, pos if positions else None
 
 
-class _GatherMax(torch.autograd.Function):
-    """``max_j x_src[index[i, j]]`` that keeps only the winners' positions (uint8) for backward.
-
-    The gradient of every output goes to the first neighbour reaching the max, as ``torch.max`` with
-    indices routes it in the official code; backward is one ``(N, C)`` scatter, and neither the
-    ``(N, k, C)`` neighbours nor the inputs are kept alive.
-    """
-
-    @staticmethod
-    def forward(ctx, x_src: Tensor, index: Tensor, k: int) -> Tensor:  # type: ignore[override]
-        out, pos = neighbor_max(x_src, index, k, positions=True)  # (N, C) each
-        ctx.save_for_backward(index, pos)
-        ctx.k, ctx.num_src = k, x_src.size(0)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
-        index, pos = ctx.saved_tensors
-        source = index.view(-1, ctx.k).gather(1, pos.long())  # (N, C) source node of every max
-        grad_src = grad_out.new_zeros(ctx.num_src, grad_out.size(1)).scatter_add_(0, source, grad_out)
-        return grad_src, None, None
-
-
 def gather_max(x_src: Tensor, edge_index: Tensor, k: int) -> Tensor:
     """``(N_dst, C)`` channel-wise max over each target's ``k`` sources (target-sorted ``edge_index``).
 
     For training, only the edge indices and the ``(N, C)`` positions of the winners (one byte each) are
-    kept for backward, not the ``(N, k, C)`` neighbour tensor that autograd would keep for ``amax``.
+    kept for backward (the operator's autograd formula), not the ``(N, k, C)`` neighbour tensor that
+    autograd would keep for ``amax``; the gradient of every max goes to the first neighbour reaching it.
     """
-    if not (torch.is_grad_enabled() and x_src.requires_grad):
-        return neighbor_max(x_src, edge_index[0], k)[0]
-    if k <= MAX_K_POSITIONS:
-        return _GatherMax.apply(x_src, edge_index[0], k)
+    if k <= MAX_K_POSITIONS:  # positions (for backward) only where a gradient can flow to x_src
+        return ops.neighbor_max(x_src, edge_index[0], k, x_src.requires_grad)[0]
     return gather_neighbors(x_src, edge_index, k).amax(dim=1)
