@@ -23,7 +23,7 @@ from vig_pyg import ops
 from vig_pyg.ops import MAX_K_POSITIONS
 from vig_pyg.tracing import is_tracing
 
-__all__ = ["MAX_K_POSITIONS", "check_k_regular", "gather_max", "gather_neighbors", "neighbor_max"]
+__all__ = ["MAX_K_POSITIONS", "check_k_regular", "gather_max", "gather_neighbors"]
 
 
 def check_k_regular(edge_index: Tensor, num_targets: int, k: int) -> None:
@@ -56,15 +56,6 @@ def check_k_regular(edge_index: Tensor, num_targets: int, k: int) -> None:
 def gather_neighbors(x_src: Tensor, edge_index: Tensor, k: int) -> Tensor:
     """``(N_dst, k, C)`` source features of every target's ``k`` edges (target-sorted ``edge_index``)."""
     return x_src.index_select(0, edge_index[0]).view(-1, k, x_src.size(-1))
-
-
-def neighbor_max(
-    x_src: Tensor, index: Tensor, k: int, positions: bool = False
-) -> tuple[Tensor, Tensor | None]:
-    """``(N, C)`` channel-wise max over ``x_src[index[i * k:(i + 1) * k]]`` for every row ``i``, and with
-    ``positions`` the first winner's position in ``[0, k)`` (uint8): operator ``vig_pyg::neighbor_max``."""
-    best, pos = ops.neighbor_max(x_src, index, k, positions)
-    return best, pos if positions else None
 
 
 def gather_max(x_src: Tensor, edge_index: Tensor, k: int) -> Tensor:

@@ -20,7 +20,7 @@ from vig_pyg.nn.recompute import (
     layer_backward,
     recompute_enabled,
 )
-from vig_pyg.ops.aggregate import MAX_K_POSITIONS, interleave
+from vig_pyg.ops.aggregate import MAX_K_POSITIONS, interleave, scatter_to_sources, winner_sources
 
 __all__ = ["MRConv"]
 
@@ -66,14 +66,14 @@ class _MaxRelativeLinear(torch.autograd.Function):
                 x_src, x_dst = ctx.source_fn(*inputs)
         else:
             x_src, x_dst = kept
-        source = index.view(-1, ctx.k).gather(1, pos.long())  # (N, C) source node of every max
+        source = winner_sources(index, ctx.k, pos)  # (N, C) source node of every max
         rel = x_src.detach().gather(0, source).sub_(x_dst.detach())
         h = interleave(x_dst.detach(), rel)
         grad_h, grad_w, grad_b = layer_backward(_GroupedLinear(ctx.groups), grad_out, h, weight, ctx.dtype)
         grad_h = grad_h.view(grad_h.size(0), -1, 2)
         grad_rel = grad_h[..., 1]
         grad_dst = grad_h[..., 0] - grad_rel
-        grad_src = grad_rel.new_zeros(x_src.shape).scatter_add_(0, source, grad_rel)
+        grad_src = scatter_to_sources(grad_rel, source, x_src.size(0))
         grad_b = grad_b if ctx.has_bias else None
         if ctx.source_fn is None:
             return grad_src, grad_dst, None, None, grad_w, grad_b, None, None

@@ -36,6 +36,8 @@ __all__ = [
     "neighbor_max",
     "reference_max_relative",
     "reference_neighbor_max",
+    "scatter_to_sources",
+    "winner_sources",
 ]
 
 # The winner of every max is kept as a byte: up to this many neighbours.
@@ -48,7 +50,7 @@ _BLOCK_ELEMENTS = 1 << 16
 _WHOLE_MAX_ELEMENTS = 1 << 22
 
 
-def _check(x_src: Tensor, index: Tensor, k: int, positions: bool) -> None:
+def _check_positions(k: int, positions: bool) -> None:
     if positions and k > MAX_K_POSITIONS:
         raise ValueError(f"winner positions are bytes: k must be at most {MAX_K_POSITIONS}, got {k}")
 
@@ -75,7 +77,7 @@ def interleave(x_dst: Tensor, rel: Tensor) -> Tensor:
 
 def reference_neighbor_max(x_src: Tensor, index: Tensor, k: int, positions: bool) -> tuple[Tensor, Tensor]:
     """The PyTorch implementation of ``neighbor_max``: one gather of the ``(N, k, C)`` neighbours."""
-    _check(x_src, index, k, positions)
+    _check_positions(k, positions)
     gathered = x_src.index_select(0, index).view(-1, k, x_src.size(-1))
     best = gathered.amax(dim=1)
     return best, _first_argmax(gathered, best) if positions else _no_positions(x_src)
@@ -94,7 +96,7 @@ def blocked_neighbor_max(x_src: Tensor, index: Tensor, k: int, positions: bool) 
     c = x_src.size(-1)
     if index.numel() * c <= _WHOLE_MAX_ELEMENTS:
         return reference_neighbor_max(x_src, index, k, positions)
-    _check(x_src, index, k, positions)
+    _check_positions(k, positions)
     n = index.numel() // k
     best = x_src.new_empty(n, c)
     pos = torch.empty(n, c, dtype=torch.uint8) if positions else _no_positions(x_src)
@@ -161,12 +163,22 @@ def _(x_src: Tensor, x_dst: Tensor, index: Tensor, k: int, positions: bool) -> t
     )
 
 
-def _winners(ctx, grad_like: Tensor) -> Tensor:
-    """``(N, C)`` source row of every max: from the forward's positions, or found again from ``x_src``."""
+def winner_sources(index: Tensor, k: int, positions: Tensor) -> Tensor:
+    """``(N, C)`` source row of every max, from the winners' ``positions`` in ``[0, k)``."""
+    return index.view(-1, k).gather(1, positions.long())
+
+
+def scatter_to_sources(grad: Tensor, sources: Tensor, num_src: int) -> Tensor:
+    """``(num_src, C)`` gradient of the sources: every max's gradient added to the row that won it."""
+    return grad.new_zeros(num_src, grad.size(1)).scatter_add_(0, sources, grad)
+
+
+def _winners(ctx) -> Tensor:
+    """Winner sources from the forward's positions, or found again from ``x_src`` where it kept none."""
     index, pos, x_src = ctx.saved_tensors
     if pos.size(0) == 0:  # the forward was not asked for positions: find the winners once more
         pos = neighbor_max(x_src, index, ctx.k, True)[1]
-    return index.view(-1, ctx.k).gather(1, pos.long())
+    return winner_sources(index, ctx.k, pos)
 
 
 def _setup(ctx, inputs, output) -> None:
@@ -178,8 +190,7 @@ def _setup(ctx, inputs, output) -> None:
 
 
 def _neighbor_max_backward(ctx, grad_best: Tensor, grad_pos: Tensor | None):
-    source = _winners(ctx, grad_best)
-    grad_src = grad_best.new_zeros(ctx.num_src, grad_best.size(1)).scatter_add_(0, source, grad_best)
+    grad_src = scatter_to_sources(grad_best, _winners(ctx), ctx.num_src)
     return grad_src.to(ctx.src_dtype), None, None, None
 
 
@@ -187,8 +198,7 @@ def _max_relative_backward(ctx, grad_h: Tensor, grad_pos: Tensor | None):
     pairs = grad_h.view(grad_h.size(0), -1, 2)
     grad_rel = pairs[..., 1]
     grad_dst = pairs[..., 0] - grad_rel
-    source = _winners(ctx, grad_rel)
-    grad_src = grad_rel.new_zeros(ctx.num_src, grad_rel.size(1)).scatter_add_(0, source, grad_rel)
+    grad_src = scatter_to_sources(grad_rel, _winners(ctx), ctx.num_src)
     return grad_src.to(ctx.src_dtype), grad_dst, None, None, None
 
 
