@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from vig_pyg import tuning
+
 TESTS = Path(__file__).parent
 FIXTURES = TESTS / "fixtures"
 sys.path.insert(0, str(TESTS))  # dense_reference, the un-optimised oracle
@@ -41,3 +43,13 @@ def _seed():
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fixed_gemm(monkeypatch, tmp_path_factory):
+    """Models built with ``gemm="auto"`` take one kernel everywhere (a measured tie keeps the
+    convolution): a real measurement could choose differently from run to run. Nothing is written to
+    the user's cache; tests/test_tuning.py measures for real."""
+    monkeypatch.setenv("VIG_PYG_TUNING_DIR", str(tmp_path_factory.getbasetemp() / "tuning"))
+    monkeypatch.setattr(tuning, "_choices", {})
+    monkeypatch.setattr(tuning, "measure_gemm", lambda *shape: {"linear": (1.0, 1.0), "conv": (1.0, 1.0)})

@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vig_pyg.nn.mlp import activate, fold_batch_norm, fold_pays, make_activation, normalize_output
 from vig_pyg.nn.recompute import can_recompute, norm_act_conv
+from vig_pyg.tuning import GemmChoice
 
 __all__ = ["ClassifierHead", "ConvNorm", "DropPath", "HeadBatchNorm", "Stem"]
 
@@ -21,11 +23,12 @@ torch.fx.wrap("activate")
 class ConvNorm(nn.Module):
     """``Conv2d -> BatchNorm2d``, no activation (ViG's fc layers, downsample and stem convs).
 
-    A 1x1 conv (every fc layer) runs as a linear map on the node view ``(B, H, W, C)`` of the feature map:
-    on the channels-last maps the models carry that view is free, and one GEMM measured 1.2x-2x faster
-    than the convolution kernels in training (``benchmarks/results/fc_layout.csv``). The output is a
-    channels-last ``(B, C, H, W)`` map again. In eval mode the BatchNorm is folded into the weights on the
-    fly (one pass instead of two). The parameters keep ``Conv2d``'s shapes, so checkpoints are unchanged.
+    A 1x1 conv (every fc layer) is one GEMM over the nodes of the channels-last map, run either as
+    ``F.linear`` on its free node view ``(B, H, W, C)`` or as a 1x1 convolution: ``gemm`` says which, in
+    eval and in training (:mod:`vig_pyg.tuning` measures which is faster on the running machine when a
+    model is built with ``gemm="auto"``). The output is a channels-last ``(B, C, H, W)`` map either way.
+    In eval mode the BatchNorm is folded into the weights on the fly (one pass instead of two). The
+    parameters keep ``Conv2d``'s shapes, so checkpoints are unchanged.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, stride: int = 1) -> None:
@@ -33,6 +36,7 @@ class ConvNorm(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2)
         self.norm = nn.BatchNorm2d(out_channels)
         self.pointwise = kernel_size == 1 and stride == 1
+        self.gemm = GemmChoice()
 
     def forward(self, x: Tensor) -> Tensor:
         weight, bias = self.conv.weight, self.conv.bias
@@ -42,8 +46,7 @@ class ConvNorm(nn.Module):
         if evaluating and not normalize:
             weight, bias = fold_batch_norm(weight, bias, self.norm, trailing_dims=3)
         if self.pointwise:
-            # (B, C, H, W) channels-last -> (B, H, W, C) is a view; the result's permute back is one too.
-            nodes = F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias)
+            nodes = self._gemm(x, weight, bias, self.gemm.train if self.training else self.gemm.eval)
         else:
             nodes = F.conv2d(x, weight, bias, self.conv.stride, self.conv.padding).permute(0, 2, 3, 1)
         if normalize:
@@ -56,9 +59,20 @@ class ConvNorm(nn.Module):
         h, w = (x.size(2) + 2 * ph - kh) // sh + 1, (x.size(3) + 2 * pw - kw) // sw + 1
         return x.size(0) * h * w * self.conv.out_channels
 
+    @staticmethod
+    def _gemm(x: Tensor, weight: Tensor, bias: Tensor | None, kernel: str) -> Tensor:
+        """``(B, C, H, W)`` channels-last ``-> (B, H, W, Cout)``, both node views (no copies)."""
+        if kernel == "conv":  # a channels-last input gives a channels-last output
+            x = x.contiguous(memory_format=torch.channels_last)
+            return F.conv2d(x, weight, bias).permute(0, 2, 3, 1)
+        return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias)
+
     def project(self, x: Tensor) -> Tensor:
-        """A pointwise layer's linear map alone, no norm: ``(B, C, H, W) -> (B, H, W, Cout)``."""
-        return F.linear(x.permute(0, 2, 3, 1), self.conv.weight.flatten(1), self.conv.bias)
+        """A pointwise layer's linear map alone, no norm (training): ``(B, C, H, W) -> (B, H, W, Cout)``."""
+        return self._gemm(x, self.conv.weight, self.conv.bias, self.gemm.train)
+
+    def extra_repr(self) -> str:
+        return f"gemm={self.gemm}" if self.pointwise else ""
 
 
 class DropPath(nn.Module):

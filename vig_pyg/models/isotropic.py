@@ -17,6 +17,7 @@ from vig_pyg.layers.blocks import ViGBlock
 from vig_pyg.layers.common import ClassifierHead, Stem
 from vig_pyg.models.base import ViGModel, ceil_div, check_positive_ints, image_size_pair
 from vig_pyg.models.registry import register_model
+from vig_pyg.tuning import set_gemm
 
 __all__ = ["IsotropicViG"]
 
@@ -40,6 +41,9 @@ class IsotropicViG(ViGModel):
         stochastic, epsilon: stochastic dilation in training.
         knn_method: kNN back-end, ``"auto"``, ``"dense"`` or ``"torch_cluster"``.
         head_hidden: width of the head's hidden layer (1024 officially).
+        gemm: how the fc layers run their GEMMs, ``"linear"`` or ``"conv"`` (same numbers up to float
+            rounding), or ``"auto"``: per layer, the one measured faster on this machine
+            (:func:`vig_pyg.tuning.set_gemm`; shown in the layers' ``repr``).
     """
 
     def __init__(
@@ -59,6 +63,7 @@ class IsotropicViG(ViGModel):
         epsilon: float = 0.2,
         knn_method: KNNMethod = "auto",
         head_hidden: int = 1024,
+        gemm: str = "auto",
     ) -> None:
         super().__init__()
         (channels,), (blocks,), (k,) = (
@@ -106,6 +111,7 @@ class IsotropicViG(ViGModel):
         self.default_out_indices = tuple(range(max(0, blocks - 3), blocks))
         self.min_input_size = self._smallest_square(max(self.img_size) * 4)
         self._init_weights()
+        set_gemm(self, gemm)
 
     def _levels(self) -> list[nn.Module]:
         return list(self.blocks)

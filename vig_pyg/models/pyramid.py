@@ -25,6 +25,7 @@ from vig_pyg.models.base import (
     image_size_pair,
 )
 from vig_pyg.models.registry import register_model
+from vig_pyg.tuning import set_gemm
 
 __all__ = ["PyramidViG"]
 
@@ -52,6 +53,9 @@ class PyramidViG(ViGModel):
         stochastic, epsilon: stochastic dilation in training.
         knn_method: kNN back-end, ``"auto"``, ``"dense"`` or ``"torch_cluster"``.
         head_hidden: width of the head's hidden layer (1024 officially).
+        gemm: how the fc layers run their GEMMs, ``"linear"`` or ``"conv"`` (same numbers up to float
+            rounding), or ``"auto"``: per layer, the one measured faster on this machine
+            (:func:`vig_pyg.tuning.set_gemm`; shown in the layers' ``repr``).
     """
 
     def __init__(
@@ -71,6 +75,7 @@ class PyramidViG(ViGModel):
         epsilon: float = 0.2,
         knn_method: KNNMethod = "auto",
         head_hidden: int = 1024,
+        gemm: str = "auto",
     ) -> None:
         super().__init__()
         # Four stages, each with at least one graph block.
@@ -129,6 +134,7 @@ class PyramidViG(ViGModel):
         self.default_out_indices = (0, 1, 2, 3)
         self.min_input_size = self._smallest_square(max(self.img_size) * 4)
         self._init_weights()
+        set_gemm(self, gemm)
 
     def _levels(self) -> list[nn.Module]:
         return list(self.stages)
