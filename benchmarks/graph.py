@@ -17,7 +17,7 @@ from benchmarks.common import RESULTS, environment, median_time, paired_speedup,
 from vig_pyg import kernels
 from vig_pyg.graph import knn_graph
 from vig_pyg.nn import EdgeConv, GINConv, GraphSAGE, MRConv
-from vig_pyg.nn.mr import max_relative
+from vig_pyg.ops import max_relative
 from vig_pyg.ops.aggregate import blocked_max_relative
 
 # (label, query nodes, key nodes, channels) of the Graphers in the official models.
@@ -157,7 +157,7 @@ def bench_gather_max(batch: int, quick: bool) -> list[dict[str, object]]:
         impls = {"one_gather": one_gather, "blocks": blocks}
         if kernels.available():
             impls["kernel"] = lambda x_src=x_src, x_dst=x_dst, index=index: max_relative(
-                x_src, x_dst, index, 9
+                x_src, x_dst, index, 9, False
             )
         times = paired_times(impls, warmup=1, repeats=3 if quick else 7)
         row: dict[str, object] = {"op": "MR aggregation, 9 neighbours", "size": label, "batch": batch}

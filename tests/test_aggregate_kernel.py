@@ -14,8 +14,7 @@ from vig_pyg import kernels, ops
 from vig_pyg.graph import knn_graph
 from vig_pyg.nn import MRConv
 from vig_pyg.nn.aggr import gather_max
-from vig_pyg.nn.mr import max_relative
-from vig_pyg.ops import neighbor_max
+from vig_pyg.ops import max_relative, neighbor_max
 from vig_pyg.ops.aggregate import interleave
 
 kernel = pytest.mark.skipif(

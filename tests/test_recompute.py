@@ -16,14 +16,8 @@ from vig_pyg.layers import FFN, ConvNorm, Grapher, Stem
 from vig_pyg.nn import MRConv
 from vig_pyg.nn.aggr import gather_max
 from vig_pyg.nn.mlp import grouped_linear
-from vig_pyg.nn.recompute import (
-    batch_norm_once,
-    norm_act_conv,
-    norm_act_linear,
-    recompute_disabled,
-    recompute_enabled,
-)
-from vig_pyg.ops.aggregate import _first_argmax
+from vig_pyg.nn.recompute import batch_norm_once, norm_act_conv, norm_act_linear, replays_in_backward
+from vig_pyg.ops.aggregate import _first_argmax, interleave
 
 
 def saved_bytes(fn, exclude=()) -> int:
@@ -48,6 +42,14 @@ def assert_grads_close(a: nn.Module, b: nn.Module, rtol: float = 1e-4) -> None:
         assert (p.grad is None) == (q.grad is None), name
         if p.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=rtol * scale, msg=name)
+
+
+def without_memory_saving(module: nn.Module) -> nn.Module:
+    """``module`` with every block's training-memory operators off: the plain layers, to compare."""
+    for m in module.modules():
+        if hasattr(m, "memory_saving"):
+            m.memory_saving = False
+    return module
 
 
 def assert_buffers_equal(a: nn.Module, b: nn.Module) -> None:
@@ -104,7 +106,11 @@ def _plain_linear(y, norm, act, weight, bias, groups):
 
 
 @pytest.mark.parametrize("groups", [1, 4])
-@pytest.mark.parametrize("act", [nn.GELU(), nn.ReLU(), nn.Identity()])
+@pytest.mark.parametrize(
+    "act",
+    [nn.GELU(), nn.GELU("tanh"), nn.ReLU(), nn.LeakyReLU(0.2), nn.SiLU(), nn.Hardswish(), nn.Identity()],
+    ids=lambda a: repr(a),
+)
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_norm_act_linear_equals_plain_layers(groups: int, act: nn.Module, momentum) -> None:
     torch.manual_seed(0)
@@ -127,6 +133,42 @@ def test_norm_act_linear_equals_plain_layers(groups: int, act: nn.Module, moment
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
     assert_buffers_equal(norm, norm2)
     assert norm.num_batches_tracked.item() == 2
+
+
+@pytest.mark.parametrize("batch_stats", [True, False])
+def test_norm_act_operators_pass_opcheck(batch_stats: bool) -> None:
+    # The operators' schemas, fake kernels (torch.compile, torch.export) and autograd registrations.
+    torch.manual_seed(0)
+    y = torch.randn(12, 8, requires_grad=True)
+    norm = [torch.rand(8) + 0.5, torch.randn(8), torch.zeros(8), torch.ones(8)]
+    norm[0].requires_grad_(), norm[1].requires_grad_()
+    weight, bias = torch.randn(6, 4, requires_grad=True), torch.randn(6, requires_grad=True)
+    args = (y, *norm, batch_stats, 1e-5, "gelu", 0.0, weight, bias, 2)
+    torch.library.opcheck(torch.ops.vig_pyg.norm_act_linear.default, args)
+    conv_w = torch.randn(3, 8, 3, 3, requires_grad=True)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        y4 = torch.randn(2, 8, 5, 5).contiguous(memory_format=layout).requires_grad_()
+        args = (y4, *norm, batch_stats, 1e-5, "gelu", 0.0, conv_w, None, [2, 2], [1, 1])
+        torch.library.opcheck(torch.ops.vig_pyg.norm_act_conv.default, args)
+
+
+def test_ffn_training_compiles_to_the_operator_without_graph_breaks() -> None:
+    torch.manual_seed(0)
+    ffn = FFN(8, 32).train()
+    ffn2 = copy.deepcopy(ffn)
+    x = _map(2, 8, 4, 4)
+    explained = torch._dynamo.explain(copy.deepcopy(ffn))(x)
+    assert explained.graph_break_count == 0
+    ops_called = {n.target for g in explained.graphs for n in g.graph.nodes if n.op == "call_function"}
+    assert torch.ops.vig_pyg.norm_act_linear.default in ops_called
+    torch._dynamo.reset()
+    out = torch.compile(ffn, backend="aot_eager", fullgraph=True)(x)
+    ref = without_memory_saving(ffn2)(x.detach().clone().requires_grad_())
+    torch.testing.assert_close(out, ref)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    assert_grads_close(ffn, ffn2)
+    assert_buffers_equal(ffn, ffn2)
 
 
 def test_norm_act_linear_with_frozen_norm() -> None:
@@ -227,22 +269,36 @@ def test_batch_norm_once_updates_once_and_replays() -> None:
         assert torch.equal(value, before[key]), key
 
 
-def test_recompute_is_off_without_autograd_and_when_disabled() -> None:
+def test_replay_only_under_eager_autograd() -> None:
     x = torch.randn(3, requires_grad=True)
-    assert recompute_enabled(x)
-    assert not recompute_enabled(x.detach())
+    assert replays_in_backward(x)
+    assert not replays_in_backward(x.detach())
     with torch.no_grad():
-        assert not recompute_enabled(x)
-    with recompute_disabled():
-        assert not recompute_enabled(x)
-    assert recompute_enabled(x)
+        assert not replays_in_backward(x)
+
+
+def test_memory_saving_is_a_visible_per_model_setting() -> None:
+    model = vig_pyg.create_model("pvig_test")
+    blocks = [m for m in model.modules() if isinstance(m, (Stem, Grapher, FFN))]
+    assert blocks and all(m.memory_saving for m in blocks)
+    assert "memory_saving=True" in repr(model)
+    model.set_memory_saving(False)
+    assert not any(m.memory_saving for m in blocks) and "memory_saving=True" not in repr(model)
+    model.set_memory_saving(True)
+    assert all(m.memory_saving for m in blocks)
+    # An activation with parameters (PReLU's slope) has no fused operator: such blocks stay plain.
+    ffn = FFN(8, 16, act="prelu")
+    assert not ffn.supports_memory_saving and not ffn.memory_saving
+    assert ffn.train()(_map(2, 8, 3, 3)).shape == (2, 8, 3, 3)
+    with pytest.raises(ValueError, match="without parameters"):
+        norm_act_linear(torch.randn(4, 8), nn.BatchNorm1d(8), nn.PReLU(), torch.randn(2, 8), None)
 
 
 # -- MRConv ------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("bipartite", [False, True])
-def test_mr_training_path_equals_plain(bipartite: bool) -> None:
+def test_mr_training_equals_brute_force(bipartite: bool) -> None:
     torch.manual_seed(0)
     conv = MRConv(8, 16).train()
     conv2 = copy.deepcopy(conv)
@@ -255,8 +311,9 @@ def test_mr_training_path_equals_plain(bipartite: bool) -> None:
         edge_index = knn_graph(x.detach(), 4)
         inputs, inputs2 = x, x.detach().clone().requires_grad_()
     out = conv(inputs, edge_index, k=4)
-    with recompute_disabled():
-        ref = conv2(inputs2, edge_index, k=4)
+    x_src, x_dst = inputs2 if bipartite else (inputs2, inputs2)
+    neighbours = x_src[edge_index[0]].view(-1, 4, 8)  # autograd's own max: every winner's gradient
+    ref = conv2.nn(interleave(x_dst, neighbours.amax(dim=1) - x_dst))
     torch.testing.assert_close(out, ref)
     grad = torch.randn_like(out)
     out.backward(grad)
@@ -302,8 +359,8 @@ def _train_both(module: nn.Module, x: torch.Tensor, rtol: float = 1e-4):
     module2.train()
     x2 = x.detach().clone().requires_grad_(x.requires_grad)
     kept, out = saved_bytes(lambda: module(x), exclude=list(module.parameters()))
-    with recompute_disabled():
-        kept_plain, ref = saved_bytes(lambda: module2(x2), exclude=list(module2.parameters()))
+    without_memory_saving(module2)
+    kept_plain, ref = saved_bytes(lambda: module2(x2), exclude=list(module2.parameters()))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     grad = torch.randn_like(out)
     out.backward(grad)
@@ -373,11 +430,11 @@ def test_training_under_bf16_autocast_equals_plain() -> None:
     torch.manual_seed(0)
     model = vig_pyg.create_model("pvig_test", num_classes=10).train()
     model2 = copy.deepcopy(model)
+    model2.set_memory_saving(False)
     x = torch.randn(2, 3, 96, 96)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
-        with recompute_disabled():
-            ref = model2(x)
+        ref = model2(x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, ref)
     out.float().square().sum().backward()

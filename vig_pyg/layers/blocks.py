@@ -16,8 +16,9 @@ from vig_pyg.layers.common import ConvNorm, DropPath
 from vig_pyg.nn.aggr import MAX_K_POSITIONS
 from vig_pyg.nn.mlp import activate, make_activation, residual_add
 from vig_pyg.nn.mr import MRConv
-from vig_pyg.nn.recompute import batch_norm_once, can_recompute, norm_act_linear
+from vig_pyg.nn.recompute import batch_norm_once, norm_act_linear, replays_in_backward
 from vig_pyg.nn.registry import build_conv, takes_vig_options
+from vig_pyg.ops.norm_act import activation_name
 
 __all__ = ["FFN", "Grapher", "ViGBlock"]
 
@@ -37,6 +38,11 @@ class Grapher(nn.Module):
         conv: graph convolution, any name or class :func:`vig_pyg.nn.build_conv` takes.
         drop_path: stochastic depth rate of the branch.
         act, norm, bias, groups: options of ViG's own convolutions (ignored by other convs).
+
+    In training, a ViG conv's norm and activation run with fc2's linear map as one operator that keeps only
+    the conv's pre-norm output for backward, and with MRConv (``k <= 256``) everything from fc1's linear
+    output to fc2's norm is replayed in backward instead (:mod:`vig_pyg.nn.recompute`). ``memory_saving``
+    says whether (on for ViG's convs with a BatchNorm and a parameter-free activation; a per-block switch).
     """
 
     def __init__(
@@ -76,6 +82,14 @@ class Grapher(nn.Module):
         self.graph_conv = build_conv(conv, channels, 2 * channels, **conv_kwargs)
         self.fc2 = ConvNorm(2 * channels, channels)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        mlp = getattr(self.graph_conv, "output_mlp", None)
+        self.supports_memory_saving = (
+            mlp is not None
+            and isinstance(mlp.norm, nn.modules.batchnorm._BatchNorm)
+            and activation_name(mlp.act) is not None
+        )
+        self.memory_saving = self.supports_memory_saving
+        self._replays_mr = isinstance(self.graph_conv, MRConv) and k <= MAX_K_POSITIONS
 
     def _pool(self, nodes: Tensor, b: int, h: int, w: int) -> Tensor:
         """The key nodes: ``nodes`` themselves, or those of the ``reduce_ratio``-average-pooled map."""
@@ -98,26 +112,28 @@ class Grapher(nn.Module):
         shortcut = x
         b, _, h, w = x.shape
         conv = self.graph_conv
-        bytes_hold_winners = self.knn.k <= MAX_K_POSITIONS
-        if isinstance(conv, MRConv) and bytes_hold_winners and can_recompute(x, conv.nn.norm, conv.nn.act):
+        saving = self.training and self.memory_saving
+        if saving and self._replays_mr and replays_in_backward(x):
             x = self._train_mr(x, b, h, w)
         else:
             nodes = image_to_nodes(self.fc1(x))  # (B*H*W, C)
             keys = self._pool(nodes, b, h, w)
             edge_index = self.knn(nodes, keys, b, h, w)
             inputs = nodes if keys is nodes else (keys, nodes)
-            mlp = getattr(conv, "output_mlp", None)
-            if mlp is not None and can_recompute(x, mlp.norm, mlp.act):
-                # Training: the conv's norm + act and fc2's linear map as one step that keeps only the
+            if saving:
+                # Training: the conv's norm + act and fc2's linear map as one operator that keeps only the
                 # conv's pre-norm output for backward (vig_pyg.nn.recompute).
+                mlp, fc2 = conv.output_mlp, self.fc2.conv
                 x = conv(inputs, edge_index, k=self.knn.k, pre_norm=True)  # (B*H*W, 2C)
-                fc2 = self.fc2.conv
                 x = norm_act_linear(x, mlp.norm, mlp.act, fc2.weight.flatten(1), fc2.bias)
                 x = self.fc2.norm(nodes_to_image(x, b, h, w))
             else:
                 x = nodes_to_image(conv(inputs, edge_index, k=self.knn.k), b, h, w)  # (B, 2C, H, W)
                 x = self.fc2(x)
         return residual_add(self.drop_path(x), shortcut)
+
+    def extra_repr(self) -> str:
+        return f"memory_saving={self.memory_saving}"
 
     def _train_mr(self, x: Tensor, b: int, h: int, w: int) -> Tensor:
         """Training with MRConv: everything between fc1's linear map and fc2's norm (fc1's norm, the
@@ -137,7 +153,12 @@ class Grapher(nn.Module):
 
 
 class FFN(nn.Module):
-    """``fc1 (C -> hidden) -> act -> fc2 (hidden -> C)``, each a 1x1 conv + BatchNorm; drop path, shortcut."""
+    """``fc1 (C -> hidden) -> act -> fc2 (hidden -> C)``, each a 1x1 conv + BatchNorm; drop path, shortcut.
+
+    In training, fc1's norm and activation run with fc2's linear map as one operator that keeps only fc1's
+    linear output for backward (:func:`vig_pyg.nn.recompute.norm_act_linear`); ``memory_saving`` (on
+    unless the activation has parameters) says whether, and can be switched off per block.
+    """
 
     def __init__(self, channels: int, hidden: int, act: str = "gelu", drop_path: float = 0.0) -> None:
         super().__init__()
@@ -145,20 +166,22 @@ class FFN(nn.Module):
         self.act = make_activation(act)
         self.fc2 = ConvNorm(hidden, channels)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.supports_memory_saving = activation_name(self.act) is not None
+        self.memory_saving = self.supports_memory_saving
 
     def forward(self, x: Tensor) -> Tensor:
-        if can_recompute(x, self.fc1.norm, self.act):
-            # Training: fc1's norm + act and fc2's linear map as one step that keeps only fc1's
-            # pre-norm output for backward (vig_pyg.nn.recompute).
+        if self.training and self.memory_saving:
             b, _, h, w = x.shape
-            hidden = self.fc1.project(x).view(b * h * w, -1)  # (B*H*W, hidden)
-            out = norm_act_linear(
-                hidden, self.fc1.norm, self.act, self.fc2.conv.weight.flatten(1), self.fc2.conv.bias
-            )
+            hidden = self.fc1.project(x).view(b * h * w, -1)  # (B*H*W, hidden) before the norm
+            fc2 = self.fc2.conv
+            out = norm_act_linear(hidden, self.fc1.norm, self.act, fc2.weight.flatten(1), fc2.bias)
             out = self.fc2.norm(nodes_to_image(out, b, h, w))
         else:
             out = self.fc2(activate(self.act, self.fc1(x)))
         return residual_add(self.drop_path(out), x)
+
+    def extra_repr(self) -> str:
+        return f"memory_saving={self.memory_saving}"
 
 
 class ViGBlock(nn.Module):

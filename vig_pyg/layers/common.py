@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vig_pyg.nn.mlp import activate, fold_batch_norm, fold_pays, make_activation, normalize_output
-from vig_pyg.nn.recompute import can_recompute, norm_act_conv
+from vig_pyg.nn.recompute import norm_act_conv
+from vig_pyg.ops.norm_act import activation_name
 from vig_pyg.tuning import GemmChoice
 
 __all__ = ["ClassifierHead", "ConvNorm", "DropPath", "HeadBatchNorm", "Stem"]
@@ -103,6 +104,9 @@ class Stem(nn.Module):
         widths: output channels of each conv.
         strides: stride of each conv.
         act: activation name.
+
+    In training, each norm + activation runs with the next conv as one operator that keeps only its input
+    for backward (:func:`vig_pyg.nn.recompute.norm_act_conv`); ``memory_saving`` says whether.
     """
 
     def __init__(
@@ -117,13 +121,14 @@ class Stem(nn.Module):
         )
         self.act = make_activation(act)
         self.stride = math.prod(strides)
+        self.supports_memory_saving = len(widths) > 1 and activation_name(self.act) is not None
+        self.memory_saving = self.supports_memory_saving
 
     def forward(self, x: Tensor) -> Tensor:
-        first = self.layers[0]
-        if len(self.layers) > 1 and can_recompute(first.conv.weight, first.norm, self.act):
-            # Training: each norm + act with the next conv as one step that keeps only the conv output
+        if self.training and self.memory_saving:
+            # Training: each norm + act with the next conv as one operator that keeps only the conv output
             # before it (vig_pyg.nn.recompute): at 1/2 and 1/4 resolution these maps are large.
-            x = first.conv(x)
+            x = self.layers[0].conv(x)
             for prev, layer in zip(self.layers[:-1], self.layers[1:]):
                 x = norm_act_conv(x, prev.norm, self.act, layer.conv)
             return self.layers[-1].norm(x)
@@ -132,6 +137,9 @@ class Stem(nn.Module):
             if i < len(self.layers) - 1:
                 x = activate(self.act, x)
         return x
+
+    def extra_repr(self) -> str:
+        return f"memory_saving={self.memory_saving}"
 
 
 class HeadBatchNorm(nn.BatchNorm1d):

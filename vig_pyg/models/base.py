@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from vig_pyg.layers.common import ClassifierHead, ConvNorm
+from vig_pyg.layers.blocks import FFN, Grapher
+from vig_pyg.layers.common import ClassifierHead, ConvNorm, Stem
 from vig_pyg.nn.mlp import GroupedLinear
 
 __all__ = [
@@ -205,6 +206,14 @@ class ViGModel(nn.Module):
         for m in self.modules():
             if isinstance(m, ViGStage):
                 m.grad_checkpointing = enable
+
+    def set_memory_saving(self, enable: bool = True) -> None:
+        """Switch the training-memory operators of every block and the stem on (the default, where a
+        layer supports them) or off (every intermediate kept for backward, e.g. to compare); see
+        :mod:`vig_pyg.nn.recompute`. Each module's ``memory_saving`` shows in the model's ``repr``."""
+        for m in self.modules():
+            if isinstance(m, (Stem, Grapher, FFN)):
+                m.memory_saving = enable and m.supports_memory_saving
 
     def forward_intermediates(
         self,

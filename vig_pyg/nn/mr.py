@@ -10,47 +10,26 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from vig_pyg import ops
-from vig_pyg.nn.aggr import check_k_regular, gather_max
+from vig_pyg.nn.aggr import check_k_regular
 from vig_pyg.nn.base import PairTensor, ViGConv
 from vig_pyg.nn.mlp import GroupedMLP, grouped_linear
-from vig_pyg.nn.recompute import (
-    _GroupedLinear,
-    autocast_like,
-    autocast_state,
-    layer_backward,
-    recompute_enabled,
-)
+from vig_pyg.nn.recompute import _GroupedLinear, autocast_like, autocast_state, layer_backward
 from vig_pyg.ops.aggregate import MAX_K_POSITIONS, interleave, scatter_to_sources, winner_sources
 
 __all__ = ["MRConv"]
 
 
-def max_relative(
-    x_src: Tensor, x_dst: Tensor, index: Tensor, k: int, positions: bool = False
-) -> tuple[Tensor, Tensor | None]:
-    """MR's interleaved ``(N, 2C)`` linear input ``[x_dst, max_j x_src[j] - x_dst]`` for the ``k``
-    target-sorted sources ``index`` of every target, and with ``positions`` the first winner of every max
-    (uint8): operator ``vig_pyg::max_relative`` (:mod:`vig_pyg.ops.aggregate`)."""
-    h, pos = ops.max_relative(x_src, x_dst, index, k, positions)
-    return h, pos if positions else None
-
-
-class _MaxRelativeLinear(torch.autograd.Function):
-    """``lin([x_dst, max_j x_src[j] - x_dst] interleaved)`` keeping for backward only the inputs and the
-    winners' positions (uint8): the ``(N, 2C)`` input of the linear layer is rebuilt there from one
-    ``(N, C)`` gather. Gradients of the max go to the first neighbour reaching it (see ``gather_max``).
-
-    With ``source_fn``, ``(x_src, x_dst)`` is ``source_fn(*source_inputs)`` (pass ``None`` for both) and
-    only ``source_inputs`` are kept: backward replays ``source_fn`` to get them.
-    """
+class _ReplayedMaxRelativeLinear(torch.autograd.Function):
+    """``lin([x_dst, max_j x_src[j] - x_dst] interleaved)`` with ``(x_src, x_dst) =
+    source_fn(*source_inputs)``, keeping for backward only ``source_inputs`` and the winners' positions
+    (uint8): backward replays ``source_fn`` and rebuilds the ``(N, 2C)`` input of the linear layer from
+    one ``(N, C)`` gather. Gradients of the max go to the first neighbour reaching it."""
 
     @staticmethod
-    def forward(ctx, x_src, x_dst, index, k, weight, bias, groups, source_fn, *source_inputs):  # type: ignore[override]
-        if source_fn is not None:
-            x_src, x_dst = source_fn(*source_inputs)
-        h, pos = max_relative(x_src, x_dst, index, k, positions=True)  # (N, 2C), (N, C)
-        kept = source_inputs if source_fn is not None else (x_src, x_dst)
-        ctx.save_for_backward(index, pos, weight, *kept)
+    def forward(ctx, index, k, weight, bias, groups, source_fn, *source_inputs):  # type: ignore[override]
+        x_src, x_dst = source_fn(*source_inputs)
+        h, pos = ops.max_relative(x_src, x_dst, index, k, True)  # (N, 2C), (N, C)
+        ctx.save_for_backward(index, pos, weight, *source_inputs)
         ctx.k, ctx.groups, ctx.has_bias, ctx.source_fn = k, groups, bias is not None, source_fn
         out = grouped_linear(h, weight, bias, groups)
         ctx.autocast, ctx.dtype = autocast_state(weight), out.dtype
@@ -60,12 +39,9 @@ class _MaxRelativeLinear(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
         index, pos, weight, *kept = ctx.saved_tensors
-        if ctx.source_fn is not None:
-            inputs = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in kept]
-            with torch.enable_grad(), autocast_like(ctx.autocast):
-                x_src, x_dst = ctx.source_fn(*inputs)
-        else:
-            x_src, x_dst = kept
+        inputs = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in kept]
+        with torch.enable_grad(), autocast_like(ctx.autocast):
+            x_src, x_dst = ctx.source_fn(*inputs)
         source = winner_sources(index, ctx.k, pos)  # (N, C) source node of every max
         rel = x_src.detach().gather(0, source).sub_(x_dst.detach())
         h = interleave(x_dst.detach(), rel)
@@ -74,21 +50,18 @@ class _MaxRelativeLinear(torch.autograd.Function):
         grad_rel = grad_h[..., 1]
         grad_dst = grad_h[..., 0] - grad_rel
         grad_src = scatter_to_sources(grad_rel, source, x_src.size(0))
-        grad_b = grad_b if ctx.has_bias else None
-        if ctx.source_fn is None:
-            return grad_src, grad_dst, None, None, grad_w, grad_b, None, None
         wanted = [t for t in inputs if t is not None and t.requires_grad]
         grads = iter(torch.autograd.grad((x_src, x_dst), wanted, (grad_src, grad_dst)))
         grad_inputs = [next(grads) if t is not None and t.requires_grad else None for t in inputs]
-        return None, None, None, None, grad_w, grad_b, None, None, *grad_inputs
+        return None, None, grad_w, grad_b if ctx.has_bias else None, None, None, *grad_inputs
 
 
 def _replay(index, k, groups, source_fn, computed, num_sources, *tensors):
     sources, (weight, bias) = tensors[:num_sources], tensors[num_sources:]
     if not torch.is_grad_enabled():  # the first pass, under the caller's no_grad: nothing to keep
         x_src, x_dst = computed if computed is not None else source_fn(*sources)
-        return grouped_linear(max_relative(x_src, x_dst, index, k)[0], weight, bias, groups)
-    return _MaxRelativeLinear.apply(None, None, index, k, weight, bias, groups, source_fn, *sources)
+        return grouped_linear(ops.max_relative(x_src, x_dst, index, k, False)[0], weight, bias, groups)
+    return _ReplayedMaxRelativeLinear.apply(index, k, weight, bias, groups, source_fn, *sources)
 
 
 class MRConv(ViGConv):
@@ -173,23 +146,11 @@ class MRConv(ViGConv):
         self, x: Tensor | PairTensor, edge_index: Tensor, k: int | None = None, pre_norm: bool = False
     ) -> Tensor:
         x_src, x_dst = self._split(x, edge_index, k)
-        lin = self.nn.lin
-        fused = k is not None and k <= MAX_K_POSITIONS
-        if fused and recompute_enabled(x_src, x_dst, lin.weight):
-            # Training: the interleaved (N, 2C) input of the linear layer is rebuilt in backward.
-            y = _MaxRelativeLinear.apply(
-                x_src, x_dst, edge_index[0], k, lin.weight, lin.bias, lin.groups, None
-            )
-            return y if pre_norm else self.nn.norm_act(y)
-        recording = torch.is_grad_enabled() and (x_src.requires_grad or x_dst.requires_grad)
-        if k is not None and not recording:
-            h = max_relative(x_src, x_dst, edge_index[0], k)[0]
+        if k is not None and k <= MAX_K_POSITIONS:  # k-regular: one operator (vig_pyg.ops.aggregate)
+            # The winners' positions, a byte per value, are what backward keeps where x_src needs a gradient.
+            h = ops.max_relative(x_src, x_dst, edge_index[0], k, x_src.requires_grad)[0]
         else:
-            if k is not None:
-                rel = gather_max(x_src, edge_index, k) - x_dst  # (N, C)
-            else:
-                rel = self.propagate(edge_index, x=(x_src, x_dst))
-            h = interleave(x_dst, rel)
+            h = interleave(x_dst, self.propagate(edge_index, x=(x_src, x_dst)))  # [x_i, max_j x_j - x_i]
         return self.nn(h, pre_norm=pre_norm)
 
     def message(self, x_i: Tensor, x_j: Tensor) -> Tensor:

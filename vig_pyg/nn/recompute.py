@@ -5,65 +5,46 @@ of the cheap element-wise work between them: a BatchNorm keeps its input, the ac
 BatchNorm's output, and the next linear layer keeps the activation's output, three tensors of the same
 size for ``norm -> act -> linear``. :func:`norm_act_linear` keeps only the first and recomputes the other
 two in backward (one BatchNorm and one activation pass, far cheaper than the linear layer, which is not
-recomputed: its weight gradient uses the recomputed input). The FFN and the Grapher use it by default in
-training; results are those of the plain layers (same kernels, same running-statistics update).
+recomputed: its weight gradient uses the recomputed input). It is the operator
+``vig_pyg::norm_act_linear`` (:mod:`vig_pyg.ops.norm_act`), so eager mode, ``torch.compile`` and
+``torch.export`` all run it. The FFN, the stem and the Grapher use it in training (their
+``memory_saving`` attribute); results are those of the plain layers (same running-statistics update).
 
-``torch.compile`` and ``torch.export`` get the plain layers: the compiler's partitioner makes the same
-trade on its own.
+The Grapher's MRConv section goes further: everything from fc1's linear output to fc2's norm is replayed
+in backward (:func:`norm_act_linear` with ``recompute_from``, :meth:`vig_pyg.nn.MRConv.replayable`). That
+replay is a Python ``autograd.Function`` around the model's own functions, which compilers cannot
+capture: :func:`replays_in_backward` confines it to eager autograd.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from vig_pyg import ops
 from vig_pyg.nn.mlp import activate, grouped_linear, grouped_linear_backward
+from vig_pyg.ops.norm_act import (
+    ACTIVATIONS,
+    activation_name,
+    autocast_like,
+    autocast_state,
+    update_running_stats,
+)
 from vig_pyg.tracing import is_tracing
 
-__all__ = [
-    "batch_norm_once",
-    "can_recompute",
-    "norm_act_conv",
-    "norm_act_linear",
-    "recompute_disabled",
-    "recompute_enabled",
-]
-
-_enabled = True
+__all__ = ["batch_norm_once", "norm_act_conv", "norm_act_linear", "replays_in_backward"]
 
 
-@contextmanager
-def recompute_disabled() -> Iterator[None]:
-    """Run the plain layers (every intermediate kept for backward) inside this block, e.g. to compare."""
-    global _enabled
-    previous, _enabled = _enabled, False
-    try:
-        yield
-    finally:
-        _enabled = previous
-
-
-def recompute_enabled(*tensors: Tensor) -> bool:
-    """Whether to trade memory for recomputation here: autograd records through one of ``tensors``,
-    in eager mode (not compiling, exporting or FX tracing), and no :func:`recompute_disabled` block is
-    active."""
-    return _enabled and torch.is_grad_enabled() and not is_tracing() and any(t.requires_grad for t in tensors)
-
-
-def can_recompute(x: Tensor, norm: nn.Module, act: nn.Module) -> bool:
-    """Whether :func:`norm_act_linear` / :func:`norm_act_conv` apply: :func:`recompute_enabled`, a
-    BatchNorm, and an activation without parameters (a PReLU's slope would need its own gradient path)."""
-    return (
-        recompute_enabled(x)
-        and isinstance(norm, nn.modules.batchnorm._BatchNorm)
-        and next(act.parameters(), None) is None
-    )
+def replays_in_backward(*tensors: Tensor) -> bool:
+    """Whether a section replayed in backward by a Python ``autograd.Function`` (the Grapher's MRConv
+    section, :meth:`vig_pyg.nn.MRConv.replayable`) pays here: autograd records through one of ``tensors``,
+    in eager mode. Compilers and exporters cannot capture a replaying function; they get the operators."""
+    return torch.is_grad_enabled() and not is_tracing() and any(t.requires_grad for t in tensors)
 
 
 def _momentum(norm: nn.modules.batchnorm._BatchNorm) -> float:
@@ -108,18 +89,6 @@ def _replay_batch_norm(y, weight, bias, stats, eps):
     return F.batch_norm(y, mean, var, weight, bias, stats is None, 0.0, eps)
 
 
-def autocast_state(t: Tensor) -> tuple[str, bool, torch.dtype]:
-    """The autocast state for ``t``'s device, to recompute in backward exactly as forward computed."""
-    device = t.device.type
-    return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
-
-
-def autocast_like(state: tuple[str, bool, torch.dtype]) -> torch.autocast:
-    """Re-enter a state from :func:`autocast_state` (backward runs outside the forward's autocast)."""
-    device, enabled, dtype = state
-    return torch.autocast(device, dtype=dtype, enabled=enabled)
-
-
 def layer_backward(layer, grad_out: Tensor, x: Tensor, weight: Tensor, dtype: torch.dtype):
     """A layer's input, weight and bias gradients, computed in ``dtype`` (what the forward ran in, e.g.
     bfloat16 under autocast) and returned in the dtypes of ``x`` and ``weight``."""
@@ -138,32 +107,6 @@ class _GroupedLinear:
 
     def backward(self, grad_out: Tensor, g: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return grouped_linear_backward(grad_out, g, weight, self.groups)
-
-
-class _Conv2d:
-    """The layer after norm + act: a 2-D convolution on ``(B, C, H, W)``."""
-
-    def __init__(self, stride: tuple[int, int], padding: tuple[int, int]) -> None:
-        self.stride, self.padding = list(stride), list(padding)
-
-    def forward(self, g: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return F.conv2d(g, weight, bias, self.stride, self.padding)
-
-    def backward(self, grad_out: Tensor, g: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        grad_g, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad_out,
-            g,
-            weight,
-            [weight.size(0)],
-            self.stride,
-            self.padding,
-            [1, 1],
-            False,
-            [0, 0],
-            1,
-            [True, True, True],
-        )
-        return grad_g, grad_w, grad_b
 
 
 class _NormActLayer(torch.autograd.Function):
@@ -238,6 +181,33 @@ def _norm_act_layer(y, norm, act, weight, bias, layer, recompute_from) -> Tensor
     )
 
 
+def _norm_inputs(norm: nn.modules.batchnorm._BatchNorm) -> tuple:
+    """A BatchNorm's arguments to the ``norm_act`` operators and its momentum for this call, as its own
+    forward would use them (its batch counter advances here, as in ``nn.BatchNorm``)."""
+    batch_stats = norm.training or not norm.track_running_stats
+    use_running = not norm.training or norm.track_running_stats
+    running = (norm.running_mean, norm.running_var) if use_running else (None, None)
+    return (norm.weight, norm.bias, *running, batch_stats, norm.eps), _momentum(norm)
+
+
+def _norm_act(op, y: Tensor, norm: nn.modules.batchnorm._BatchNorm, act: nn.Module, *layer) -> Tensor:
+    norm_args, momentum = _norm_inputs(norm)
+    out, mean, invstd = op(y, *norm_args, *_activation(act), *layer)
+    if norm_args[4]:  # batch statistics: the running ones follow them, as in nn.BatchNorm
+        update_running_stats(norm_args[2], norm_args[3], mean, invstd, y, momentum, norm.eps)
+    return out
+
+
+def _activation(act: nn.Module) -> tuple[str, float]:
+    named = activation_name(act)
+    if named is None:
+        raise ValueError(
+            "norm_act_linear / norm_act_conv take an activation without parameters "
+            f"({', '.join(ACTIVATIONS)}), got {type(act).__name__}; use the plain layers for it"
+        )
+    return named
+
+
 def norm_act_linear(
     y: Tensor | None,
     norm: nn.modules.batchnorm._BatchNorm,
@@ -247,7 +217,8 @@ def norm_act_linear(
     groups: int = 1,
     recompute_from: tuple[Callable[..., Tensor], Sequence[Tensor | None]] | None = None,
 ) -> Tensor:
-    """``linear(act(norm(y)))`` keeping only ``y`` for backward (see the module docstring).
+    """``linear(act(norm(y)))`` keeping only ``y`` for backward: operator ``vig_pyg::norm_act_linear``
+    (:mod:`vig_pyg.ops.norm_act`).
 
     With ``recompute_from=(fn, tensors)`` and ``y=None``, ``y`` is ``fn(*tensors)`` and is not kept
     either: backward replays ``fn`` (which must be a pure function of ``tensors``: every tensor that needs
@@ -269,16 +240,19 @@ def norm_act_linear(
         raise ValueError("norm_act_linear takes either y or recompute_from=(fn, tensors), not both")
     if y is not None and y.dim() != 2:
         raise ValueError(f"norm_act_linear takes (rows, channels) features, got shape {tuple(y.shape)}")
-    return _norm_act_layer(y, norm, act, weight, bias, _GroupedLinear(groups), recompute_from)
+    if recompute_from is not None:
+        return _norm_act_layer(None, norm, act, weight, bias, _GroupedLinear(groups), recompute_from)
+    return _norm_act(ops.norm_act_linear, y, norm, act, weight, bias, groups)
 
 
 def norm_act_conv(
     y: Tensor, norm: nn.modules.batchnorm._BatchNorm, act: nn.Module, conv: nn.Conv2d
 ) -> Tensor:
-    """``conv(act(norm(y)))`` keeping only ``y`` for backward: :func:`norm_act_linear` for a
+    """``conv(act(norm(y)))`` keeping only ``y`` for backward: operator ``vig_pyg::norm_act_conv`` for a
     ``(B, C, H, W)`` map and an ``nn.Conv2d`` (no groups or dilation, zero padding), e.g. in the stem."""
     if y.dim() != 4:
         raise ValueError(f"norm_act_conv takes (B, C, H, W) maps, got shape {tuple(y.shape)}")
-    if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or conv.bias is None:
-        raise ValueError("norm_act_conv supports plain convolutions with a bias: groups=1, dilation=1, zeros")
-    return _norm_act_layer(y, norm, act, conv.weight, conv.bias, _Conv2d(conv.stride, conv.padding), None)
+    if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros":
+        raise ValueError("norm_act_conv supports plain convolutions: groups=1, dilation=1, zero padding")
+    stride, padding = list(conv.stride), list(conv.padding)
+    return _norm_act(ops.norm_act_conv, y, norm, act, conv.weight, conv.bias, stride, padding)

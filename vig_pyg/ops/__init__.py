@@ -7,7 +7,9 @@ call ``torch.ops.vig_pyg.*`` (through the functions below) in eager mode, under 
 * ``knn_topk`` (:mod:`.select`): the dense kNN's top-k selection;
 * ``neighbor_max``, ``max_relative`` (:mod:`.aggregate`): the max over every node's ``k`` neighbours, and
   MRConv's interleaved ``[x, max - x]`` input, with the winners' positions and an autograd formula that
-  keeps only them.
+  keeps only them;
+* ``norm_act_linear``, ``norm_act_conv`` (:mod:`.norm_act`): BatchNorm, activation and the next layer as
+  one step whose backward keeps only its input (training memory; PyTorch's implementation only).
 
 Each has a PyTorch implementation (any device and dtype), a fake kernel (shapes for ``torch.compile`` and
 ``torch.export``) and, on CPU, a kernel chosen once, when this package is imported or the compiled kernels
@@ -26,6 +28,7 @@ import torch
 from vig_pyg import kernels
 from vig_pyg.ops import aggregate, select
 from vig_pyg.ops.aggregate import MAX_K_POSITIONS, max_relative, neighbor_max
+from vig_pyg.ops.norm_act import norm_act_conv, norm_act_linear
 from vig_pyg.ops.select import KERNEL_MAX_K, knn_topk
 
 __all__ = [
@@ -36,6 +39,8 @@ __all__ = [
     "knn_topk",
     "max_relative",
     "neighbor_max",
+    "norm_act_conv",
+    "norm_act_linear",
     "pytorch_kernels",
     "register_cpu_kernels",
 ]
