@@ -13,19 +13,30 @@ from torch import Tensor
 __all__ = ["grouped_linear", "grouped_linear_backward"]
 
 
+def _as_map(rows: Tensor) -> Tensor:
+    """``(N, C)`` rows as the channels-last ``(1, C, N, 1)`` map over the same memory (no copy)."""
+    n, c = rows.shape
+    return rows.reshape(1, n, 1, c).permute(0, 3, 1, 2)
+
+
+def _as_rows(channels_last_map: Tensor) -> Tensor:
+    return channels_last_map.permute(0, 2, 3, 1).reshape(channels_last_map.size(2), -1)
+
+
 def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
-    """``(N, Cin) -> (N, Cout)`` with block-diagonal ``weight`` of shape ``(Cout, Cin / groups)``."""
+    """``(N, Cin) -> (N, Cout)`` with block-diagonal ``weight`` of shape ``(Cout, Cin / groups)``.
+
+    With groups, one grouped 1x1 convolution over the rows seen as a channels-last map: it writes the
+    ``(N, Cout)`` rows directly, where a batched matmul per group needs a transposing copy after it.
+    Measured on an AMD EPYC (2 threads, Pyramid ViG-S's MRConv shapes at batch 8, forward): 1.1x-1.6x
+    faster in eager mode, and 3x-7x with the GELU after it under ``torch.compile``, whose fused
+    transpose + GELU kernel after the batched matmul ran at a tenth of the speed of a contiguous one.
+    Forward + backward: equal at the first two stages, 0.9x and 0.75x at the last two (a few ms a step).
+    """
     if groups == 1:
         return F.linear(x, weight, bias)
-    n, c_in = x.shape
-    c_out = weight.size(0)
-    xg = x.view(n, groups, c_in // groups).transpose(0, 1)  # (G, N, Cin/G)
-    w = weight.view(groups, c_out // groups, -1).transpose(1, 2)  # (G, Cin/G, Cout/G)
-    if bias is None:
-        out = torch.bmm(xg, w)
-    else:
-        out = torch.baddbmm(bias.view(groups, 1, c_out // groups), xg, w)  # (G, N, Cout/G)
-    return out.transpose(0, 1).reshape(n, c_out)
+    out = F.conv2d(_as_map(x), weight.unsqueeze(-1).unsqueeze(-1), bias, groups=groups)
+    return _as_rows(out)
 
 
 def grouped_linear_backward(
@@ -35,13 +46,11 @@ def grouped_linear_backward(
 
     For layers whose input is recomputed in backward rather than kept (:mod:`vig_pyg.ops.norm_act`).
     """
-    grad_bias = grad_out.sum(0)
     if groups == 1:
-        return grad_out @ weight, grad_out.t() @ x, grad_bias
-    n, c_out = grad_out.shape
-    go = grad_out.view(n, groups, c_out // groups).transpose(0, 1)  # (G, N, Cout/G)
-    xg = x.view(n, groups, -1).transpose(0, 1)  # (G, N, Cin/G)
-    w = weight.view(groups, c_out // groups, -1)  # (G, Cout/G, Cin/G)
-    grad_x = torch.bmm(go, w).transpose(0, 1).reshape(n, -1)
-    grad_w = torch.bmm(go.transpose(1, 2), xg).reshape_as(weight)
-    return grad_x, grad_w, grad_bias
+        return grad_out @ weight, grad_out.t() @ x, grad_out.sum(0)
+    weight_map = weight.unsqueeze(-1).unsqueeze(-1)
+    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        _as_map(grad_out.contiguous()), _as_map(x), weight_map, [weight.size(0)],
+        [1, 1], [0, 0], [1, 1], False, [0, 0], groups, [True, True, True],
+    )  # fmt: skip
+    return _as_rows(grad_x), grad_w.view_as(weight), grad_b
