@@ -1,8 +1,8 @@
 """Pyramid ViG-S (vig_pyg) against the models a user would pick instead, in every runtime users run.
 
     python -m benchmarks.peers [--impls vig_pyg dense_reference timm_convnext_tiny timm_swin_tiny]
-                               [--runtimes eager compile onnx] [--batch 8] [--size 224] [--threads 2]
-                               [--rounds 1] [--quick] [--out benchmarks/results/peers_cpu.csv]
+                               [--runtimes eager compile onnx [train]] [--batch 8] [--size 224]
+                               [--threads 2] [--rounds 1] [--quick] [--out benchmarks/results/peers_cpu.csv]
 
 The models (``impl``): vig_pyg's ``pvig_s_224_gelu``; the dense reference (``tests/dense_reference.py``,
 the official algorithm computed the way the official code does, with the same weights as vig_pyg's, see
@@ -13,18 +13,24 @@ lets it import without torchvision). The runtimes: eager PyTorch, ``torch.compil
 mode) and ONNX Runtime's CPU provider (``intra_op_num_threads=--threads``, ``inter_op_num_threads=1``).
 vig_pyg is exported with :func:`vig_pyg.export.export_onnx`, which applies its operators'
 decompositions; the other models with ``torch.onnx.export(..., dynamo=True)``; all with a dynamic batch
-axis and opset 18, as ``export_onnx`` does by default.
+axis and opset 18, as ``export_onnx`` does by default. ``train`` (not run by default: ``--runtimes train``)
+times one eager training step in ``model.train()``: the forward on the seeded batch, cross-entropy against
+seeded random labels (1000 classes), backward, a ``torch.optim.AdamW`` step and
+``zero_grad(set_to_none=True)``; no model has drop path or dropout (timm's built with ``drop_path_rate=0``
+and ``drop_rate=0``, Pyramid ViG's rates are 0 by default; the step refuses a model with a nonzero rate),
+and vig_pyg keeps its defaults (its memory-saving operators on).
 
-All in eval mode, fp32, without gradients, with ``torch.set_num_threads(--threads)``. Each row's
-``img_per_s`` is the batch over the median seconds of ``--repeats`` calls after warm-up; the first call
-(which compiles, or follows the export and the session's creation) is timed apart as ``setup_s``, with
-inductor's on-disk cache empty (``TORCHINDUCTOR_CACHE_DIR``, a fresh folder per process): a cold compile.
-``vig_pyg_ratio`` is vig_pyg's speed over the row's in the same runtime (above 1: vig_pyg is faster),
-``vs_eager`` the row's speed over the same model's eager speed. ``max_rel_err`` compares the compiled or
-ONNX output with the eager model's on the timed input: the largest difference over the largest eager
-logit (randomly initialised, Pyramid ViG-S's logits are around 1e7). ``graph_breaks`` and ``graphs``
-are TorchDynamo's counts under ``torch.compile`` (``notes`` names the breaks). A runtime that fails
-for a model leaves a row with its ``error`` instead of stopping the run.
+All in fp32 with ``torch.set_num_threads(--threads)``; all but ``train`` in eval mode, without gradients.
+Each row's ``img_per_s`` is the batch over the median seconds of ``--repeats`` calls (steps for ``train``)
+after warm-up; the first call (which compiles, or follows the export and the session's creation) is
+timed apart as ``setup_s``, with inductor's on-disk cache empty (``TORCHINDUCTOR_CACHE_DIR``, a fresh
+folder per process): a cold compile. ``vig_pyg_ratio`` is vig_pyg's speed over the row's in the same
+runtime (above 1: vig_pyg is faster), ``vs_eager`` the row's speed over the same model's eager speed
+(empty for ``train``). ``max_rel_err`` compares the compiled or ONNX output with the eager model's on the
+timed input: the largest difference over the largest eager logit (randomly initialised, Pyramid ViG-S's
+logits are around 1e7). ``graph_breaks`` and ``graphs`` are TorchDynamo's counts under ``torch.compile``
+(``notes`` names the breaks). A runtime that fails for a model leaves a row with its ``error`` instead of
+stopping the run.
 
 Every (model, runtime, batch, size) runs in a fresh process, one after another: on CPU a model's speed
 depends on the state earlier work left glibc's allocator in (see :mod:`benchmarks.models`), and a compiled
@@ -32,11 +38,16 @@ model or an ONNX Runtime session must not share the process with another. Since 
 interleave their calls the way :func:`benchmarks.common.paired_times` does, ``--rounds N`` runs the whole
 sweep N times, the processes of one round in turn, and takes each speed as the median over rounds and
 each ratio as the median of the per-round ratios, steadier on a shared machine than one round.
+
+``--out`` keeps the rows of an existing CSV that this run does not measure: a row is replaced only by one
+with the same ``impl``, ``runtime``, ``batch``, ``size`` and ``device``, so that e.g. ``--runtimes train``
+adds its rows beside the eval ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.metadata
 import json
 import os
@@ -62,7 +73,10 @@ MODELS = {
     "timm_convnext_tiny": "convnext_tiny",
     "timm_swin_tiny": "swin_tiny_patch4_window7_224",
 }
-RUNTIMES = ("eager", "compile", "onnx")
+RUNTIMES = ("eager", "compile", "onnx", "train")
+DEFAULT_RUNTIMES = ("eager", "compile", "onnx")
+#: The columns an output row is matched on: a new row replaces an existing one with the same values.
+ROW_KEY = ("impl", "runtime", "batch", "size", "device")
 _RESULT = "PEERS_RESULT "
 _STAGE = "PEERS_STAGE "
 
@@ -79,7 +93,8 @@ def build_model(impl: str, size: int) -> torch.nn.Module:
 
     timm = import_timm()
     kwargs = {"img_size": size} if impl == "timm_swin_tiny" else {}
-    return timm.create_model(MODELS[impl], pretrained=False, **kwargs).eval()
+    model = timm.create_model(MODELS[impl], pretrained=False, drop_path_rate=0.0, drop_rate=0.0, **kwargs)
+    return model.eval()
 
 
 def _no_grad(fn: Callable[[torch.Tensor], object], x: torch.Tensor) -> Callable[[], object]:
@@ -153,7 +168,40 @@ def prepare_onnx(impl: str, model: torch.nn.Module, x: torch.Tensor, threads: in
     return forward
 
 
-PREPARE = {"eager": prepare_eager, "compile": prepare_compile, "onnx": prepare_onnx}
+def drop_rates(model: torch.nn.Module) -> dict[str, float]:
+    """The modules that drop activations in training (dropout, drop path) with a nonzero rate."""
+    rates = {}
+    for name, module in model.named_modules():
+        rate = getattr(module, "drop_prob", None)  # timm's and the dense reference's DropPath
+        if rate is None and isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            rate = module.p
+        if rate is None and type(module).__name__ == "DropPath":  # vig_pyg's
+            rate = getattr(module, "p", None)
+        if rate:
+            rates[name or type(module).__name__] = float(rate)
+    return rates
+
+
+def prepare_train(impl: str, model: torch.nn.Module, x: torch.Tensor, threads: int, info: dict):
+    """One eager training step: forward, cross-entropy on seeded random labels, backward, AdamW step."""
+    model.train()
+    rates = drop_rates(model)
+    if rates:
+        raise ValueError(f"drop path / dropout must be 0 for the training step: {rates}")
+    labels = torch.randint(1000, (x.shape[0],), generator=torch.Generator().manual_seed(2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        loss = torch.nn.functional.cross_entropy(model(x), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+PREPARE = {"eager": prepare_eager, "compile": prepare_compile, "onnx": prepare_onnx, "train": prepare_train}
 
 
 def run_config(impl: str, runtime: str, batch: int, size: int, threads: int, warmup: int, repeats: int):
@@ -178,7 +226,7 @@ def run_config(impl: str, runtime: str, batch: int, size: int, threads: int, war
         stage = "timing"
         _stage(stage)
         result["seconds"] = median_time(forward, warmup=warmup, repeats=repeats)
-        if runtime != "eager":
+        if runtime not in ("eager", "train"):
             stage = "check"
             with torch.no_grad():
                 expected = model(x)
@@ -253,7 +301,9 @@ def make_rows(results: dict[tuple, list[dict]], env: dict[str, str]) -> list[dic
     for (impl, runtime, batch, size), rounds in results.items():
         seconds = [r["seconds"] for r in rounds]
         vig = [r["seconds"] for r in results.get(("vig_pyg", runtime, batch, size), [])]
-        eager = [r["seconds"] for r in results.get((impl, "eager", batch, size), [])]
+        # A training step against an eval forward is no runtime's speed-up: no vs_eager for train.
+        eager_key = (impl, "eager", batch, size) if runtime != "train" else None
+        eager = [r["seconds"] for r in results.get(eager_key, [])]
         median = _median(seconds)
         errors = list(dict.fromkeys(r["error"] for r in rounds if r["error"]))
         rows.append(
@@ -280,6 +330,28 @@ def make_rows(results: dict[tuple, list[dict]], env: dict[str, str]) -> list[dic
             }
         )
     return rows
+
+
+def merge_rows(path: Path, rows: list[dict]) -> list[dict]:
+    """``rows`` with the rows of the CSV at ``path`` (if any) that none of them replaces (see ``ROW_KEY``).
+
+    A replaced row's place is kept; new rows come after the existing ones. Columns missing from either side
+    are left empty, the new rows' columns first.
+    """
+    if not path.exists():
+        return rows
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        existing = list(reader)
+        old_fields = list(reader.fieldnames or [])
+    fields = list(dict.fromkeys([*rows[0], *old_fields]))
+    new = {tuple(str(row[k]) for k in ROW_KEY): row for row in rows}
+    merged = []
+    for row in existing:
+        key = tuple(row.get(k, "") for k in ROW_KEY)
+        merged.append(new.pop(key) if key in new else row)
+    merged.extend(new.values())
+    return [{field: row.get(field, "") for field in fields} for row in merged]
 
 
 def _first(rounds: list[dict], key: str) -> object:
@@ -311,18 +383,24 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--impls", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parser.add_argument("--runtimes", nargs="+", choices=RUNTIMES, default=list(RUNTIMES))
-    parser.add_argument("--batch", type=int, nargs="+", default=None, help="default 8 (1 with --quick)")
+    parser.add_argument(
+        "--runtimes", nargs="+", choices=RUNTIMES, default=list(DEFAULT_RUNTIMES),
+        help="default: eager compile onnx (train only when named)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--batch", type=int, nargs="+", default=None,
+        help="default 8 (with --quick 1, or 2 with train: BatchNorm cannot train on one image)",
+    )  # fmt: skip
     parser.add_argument("--size", type=int, nargs="+", default=[224])
     parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads")
     parser.add_argument("--repeats", type=int, default=11, help="timed calls per process (after warm-up)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1, help="sweeps, each process in turn (see above)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one process may take")
-    parser.add_argument("--quick", action="store_true", help="smoke check: batch 1, 1 warm-up, 3 repeats")
+    parser.add_argument("--quick", action="store_true", help="smoke check: batch 1 (2), 1 warm-up, 3 repeats")
     parser.add_argument("--out", type=Path, default=RESULTS / "peers_cpu.csv")
     args = parser.parse_args(argv)
-    batches = args.batch or ([1] if args.quick else [8])
+    batches = args.batch or ([2 if "train" in args.runtimes else 1] if args.quick else [8])
     warmup, repeats = (1, 3) if args.quick else (args.warmup, args.repeats)
     torch.set_num_threads(args.threads)  # so that environment() records it
     env = {
@@ -353,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"batch={batch} size={size}: {speed} {result['error']}".rstrip(),
                 flush=True,
             )
-    rows = make_rows(results, env)
+    rows = merge_rows(args.out, make_rows(results, env))
     write_csv(args.out, rows)
     print(f"wrote {args.out} ({time.perf_counter() - start:.0f} s)")
 
