@@ -133,6 +133,15 @@ def test_k_regular_fast_path(cls, training: bool) -> None:
     check_forward_and_grad(conv, y, x, ei, k=4)
 
 
+@pytest.mark.parametrize("groups", [1, 2, 8])
+@pytest.mark.parametrize("training", [False, True])
+def test_edge_conv_k_regular_any_groups(groups: int, training: bool) -> None:
+    # The k-regular path rewrites the grouped layer as two dense per-node GEMMs: any group count.
+    conv = randomise(EdgeConv(8, 16, groups=groups)).train(training)
+    x = torch.randn(30, 8)
+    check_forward_and_grad(conv, x, x, knn_graph(x, 5), k=5)
+
+
 @pytest.mark.parametrize("cls", CONVS)
 def test_pair_input_and_edge_permutation(cls) -> None:
     conv = randomise(cls(8, 8)).eval()
