@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vig_pyg.nn.aggr import gather_neighbors
+from vig_pyg.nn.aggr import gather_max, gather_neighbors
 from vig_pyg.nn.base import PairTensor, ViGConv
 from vig_pyg.nn.mlp import GroupedMLP
 
@@ -67,10 +67,12 @@ class GraphSAGE(ViGConv):
         self, x: Tensor | PairTensor, edge_index: Tensor, k: int | None = None, pre_norm: bool = False
     ) -> Tensor:
         x_src, x_dst = self._split(x, edge_index, k)
-        if k is not None:
-            agg = self.nn1(gather_neighbors(x_src, edge_index, k)).amax(dim=1)  # (N, C)
-        else:
+        if k is None:
             agg = self.propagate(edge_index, x=(x_src, x_dst))
+        elif self.nn1.norm.training:  # BatchNorm statistics over the edges: nn1 runs on every edge
+            agg = self.nn1(gather_neighbors(x_src, edge_index, k)).amax(dim=1)  # (N, C)
+        else:  # nn1 of an edge depends on its source alone: once per source node, then the max over k
+            agg = gather_max(self.nn1(x_src), edge_index, k)  # (N, C)
         return self.nn2(torch.cat([x_dst, agg], dim=-1), pre_norm=pre_norm)
 
     def message(self, x_j: Tensor) -> Tensor:
