@@ -13,7 +13,7 @@ from vig_pyg import ops
 from vig_pyg.nn.aggr import check_k_regular
 from vig_pyg.nn.base import PairTensor, ViGConv
 from vig_pyg.nn.mlp import GroupedMLP, grouped_linear
-from vig_pyg.nn.recompute import _GroupedLinear, autocast_like, autocast_state, layer_backward
+from vig_pyg.nn.recompute import autocast_like, autocast_state, grouped_linear_grads
 from vig_pyg.ops.aggregate import MAX_K_POSITIONS, interleave, scatter_to_sources, winner_sources
 
 __all__ = ["MRConv"]
@@ -45,7 +45,7 @@ class _ReplayedMaxRelativeLinear(torch.autograd.Function):
         source = winner_sources(index, ctx.k, pos)  # (N, C) source node of every max
         rel = x_src.detach().gather(0, source).sub_(x_dst.detach())
         h = interleave(x_dst.detach(), rel)
-        grad_h, grad_w, grad_b = layer_backward(_GroupedLinear(ctx.groups), grad_out, h, weight, ctx.dtype)
+        grad_h, grad_w, grad_b = grouped_linear_grads(grad_out, h, weight, ctx.groups, ctx.dtype)
         grad_h = grad_h.view(grad_h.size(0), -1, 2)
         grad_rel = grad_h[..., 1]
         grad_dst = grad_h[..., 0] - grad_rel

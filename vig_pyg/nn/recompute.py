@@ -89,62 +89,31 @@ def _replay_batch_norm(y, weight, bias, stats, eps):
     return F.batch_norm(y, mean, var, weight, bias, stats is None, 0.0, eps)
 
 
-def layer_backward(layer, grad_out: Tensor, x: Tensor, weight: Tensor, dtype: torch.dtype):
-    """A layer's input, weight and bias gradients, computed in ``dtype`` (what the forward ran in, e.g.
-    bfloat16 under autocast) and returned in the dtypes of ``x`` and ``weight``."""
-    grad_x, grad_w, grad_b = layer.backward(grad_out.to(dtype), x.to(dtype), weight.to(dtype))
+def grouped_linear_grads(grad_out: Tensor, x: Tensor, weight: Tensor, groups: int, dtype: torch.dtype):
+    """Input, weight and bias gradients of :func:`grouped_linear`, computed in ``dtype`` (what the forward
+    ran in, e.g. bfloat16 under autocast) and returned in the dtypes of ``x`` and ``weight``."""
+    grad_x, grad_w, grad_b = grouped_linear_backward(
+        grad_out.to(dtype), x.to(dtype), weight.to(dtype), groups
+    )
     return grad_x.to(x.dtype), grad_w.to(weight.dtype), grad_b.to(weight.dtype)
 
 
-class _GroupedLinear:
-    """The layer after norm + act: a grouped linear map on ``(rows, C)``."""
+class _ReplayedNormActLinear(torch.autograd.Function):
+    """``grouped_linear(act(batch_norm(producer(*made_from))))`` keeping only ``made_from``: backward
+    replays ``producer`` and the norm + act (see :func:`norm_act_linear`'s ``recompute_from``)."""
 
-    def __init__(self, groups: int) -> None:
-        self.groups = groups
-
-    def forward(self, g: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        return grouped_linear(g, weight, bias, self.groups)
-
-    def backward(self, grad_out: Tensor, g: Tensor, weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return grouped_linear_backward(grad_out, g, weight, self.groups)
-
-
-class _NormActLayer(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx,
-        y,
-        norm_weight,
-        norm_bias,
-        weight,
-        bias,
-        norm,
-        act,
-        layer,
-        batch_stats,
-        momentum,
-        producer,
-        *made_from,
-    ) -> Tensor:
-        if producer is not None:
-            y = producer(*made_from)
-        use_running = not norm.training or norm.track_running_stats
-        z = F.batch_norm(
-            y,
-            norm.running_mean if use_running else None,
-            norm.running_var if use_running else None,
-            norm_weight,
-            norm_bias,
-            batch_stats,
-            momentum,
-            norm.eps,
-        )
-        out = layer.forward(activate(act, z), weight, bias)
-        kept = made_from if producer is not None else (y,)
-        ctx.save_for_backward(norm_weight, norm_bias, weight, *kept)
+        ctx, norm_weight, norm_bias, running_mean, running_var, batch_stats, momentum, eps, act, weight,
+        bias, groups, producer, *made_from,
+    ) -> Tensor:  # fmt: skip
+        y = producer(*made_from)
+        z = F.batch_norm(y, running_mean, running_var, norm_weight, norm_bias, batch_stats, momentum, eps)
+        out = grouped_linear(activate(act, z), weight, bias, groups)
+        ctx.save_for_backward(norm_weight, norm_bias, weight, *made_from)
         # Eval-mode statistics are needed again in backward; batch statistics are recomputed from y.
-        ctx.stats = None if batch_stats else (norm.running_mean.clone(), norm.running_var.clone())
-        ctx.act, ctx.layer, ctx.eps, ctx.has_bias = act, layer, norm.eps, bias is not None
+        ctx.stats = None if batch_stats else (running_mean.clone(), running_var.clone())
+        ctx.act, ctx.groups, ctx.eps, ctx.has_bias = act, groups, eps, bias is not None
         ctx.producer, ctx.autocast, ctx.dtype = producer, autocast_state(weight), out.dtype
         return out
 
@@ -153,32 +122,20 @@ class _NormActLayer(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         norm_weight, norm_bias, weight, *kept = ctx.saved_tensors
         kept_inputs = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in kept]
-        if ctx.producer is None:
-            kept_inputs[0].requires_grad_()
         params = [t.detach().requires_grad_() if t is not None else None for t in (norm_weight, norm_bias)]
         mean, var = ctx.stats if ctx.stats is not None else (None, None)
         with torch.enable_grad(), autocast_like(ctx.autocast):
-            y = ctx.producer(*kept_inputs) if ctx.producer is not None else kept_inputs[0]
+            y = ctx.producer(*kept_inputs)
             z = F.batch_norm(y, mean, var, params[0], params[1], ctx.stats is None, 0.0, ctx.eps)
             g = activate(ctx.act, z)
-        grad_g, grad_w, grad_b = layer_backward(ctx.layer, grad_out, g.detach(), weight, ctx.dtype)
+        grad_g, grad_w, grad_b = grouped_linear_grads(grad_out, g.detach(), weight, ctx.groups, ctx.dtype)
         inputs = kept_inputs + params
         wanted = [t for t in inputs if t is not None and t.requires_grad]
         grads = iter(torch.autograd.grad(g, wanted, grad_g, allow_unused=True))
         grad_kept = [next(grads) if t is not None and t.requires_grad else None for t in kept_inputs]
         grad_nw, grad_nb = (next(grads) if t is not None else None for t in params)
         grad_b = grad_b if ctx.has_bias else None
-        grad_y, grad_made_from = (None, grad_kept) if ctx.producer is not None else (grad_kept[0], [])
-        return grad_y, grad_nw, grad_nb, grad_w, grad_b, None, None, None, None, None, None, *grad_made_from
-
-
-def _norm_act_layer(y, norm, act, weight, bias, layer, recompute_from) -> Tensor:
-    batch_stats = norm.training or not norm.track_running_stats
-    momentum = _momentum(norm)
-    producer, made_from = recompute_from if recompute_from is not None else (None, ())
-    return _NormActLayer.apply(
-        y, norm.weight, norm.bias, weight, bias, norm, act, layer, batch_stats, momentum, producer, *made_from
-    )
+        return grad_nw, grad_nb, None, None, None, None, None, None, grad_w, grad_b, None, None, *grad_kept
 
 
 def _norm_inputs(norm: nn.modules.batchnorm._BatchNorm) -> tuple:
@@ -241,7 +198,13 @@ def norm_act_linear(
     if y is not None and y.dim() != 2:
         raise ValueError(f"norm_act_linear takes (rows, channels) features, got shape {tuple(y.shape)}")
     if recompute_from is not None:
-        return _norm_act_layer(None, norm, act, weight, bias, _GroupedLinear(groups), recompute_from)
+        norm_args, momentum = _norm_inputs(norm)
+        nw, nb, running_mean, running_var, batch_stats, eps = norm_args
+        producer, made_from = recompute_from
+        return _ReplayedNormActLinear.apply(
+            nw, nb, running_mean, running_var, batch_stats, momentum, eps, act, weight, bias, groups,
+            producer, *made_from,
+        )  # fmt: skip
     return _norm_act(ops.norm_act_linear, y, norm, act, weight, bias, groups)
 
 

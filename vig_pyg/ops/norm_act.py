@@ -25,6 +25,8 @@ own gradient path; :func:`activation_name` returns ``None`` for it and callers k
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -57,22 +59,17 @@ def activation_name(act: nn.Module) -> tuple[str, float] | None:
     return (named[type(act)], 0.0) if type(act) in named else None
 
 
-def _channels_last_nodes(*maps: Tensor) -> tuple[bool, list[Tensor]]:
-    """The ``(B, H, W, C)`` views of channels-last ``(B, C, H, W)`` maps: CPU's element-wise kernels
-    round GELU differently on the permuted strides, and every other path of the model (``activate``)
-    computes it on this contiguous view."""
-    first = maps[0]
-    if (
-        first.dim() == 4
-        and not first.is_contiguous()
-        and first.is_contiguous(memory_format=torch.channels_last)
-    ):
-        return True, [m.permute(0, 2, 3, 1) for m in maps]
-    return False, list(maps)
+def _channels_last_nodes(z: Tensor) -> tuple[bool, Tensor]:
+    """The ``(B, H, W, C)`` view of a channels-last ``(B, C, H, W)`` map (else ``z``): CPU's element-wise
+    kernels round GELU differently on the permuted strides, and every other path of the model
+    (``activate``) computes it on this contiguous view."""
+    if z.dim() == 4 and not z.is_contiguous() and z.is_contiguous(memory_format=torch.channels_last):
+        return True, z.permute(0, 2, 3, 1)
+    return False, z
 
 
 def _activate(name: str, slope: float, z: Tensor) -> Tensor:
-    permuted, (nodes,) = _channels_last_nodes(z)
+    permuted, nodes = _channels_last_nodes(z)
     if name == "gelu" or name == "gelu_tanh":
         out = F.gelu(nodes, approximate="tanh" if name == "gelu_tanh" else "none")
     elif name == "relu":
@@ -90,7 +87,7 @@ def _activate(name: str, slope: float, z: Tensor) -> Tensor:
 
 def _activate_backward(name: str, slope: float, grad: Tensor, z: Tensor) -> Tensor:
     aten = torch.ops.aten
-    permuted, (nodes,) = _channels_last_nodes(z)
+    permuted, nodes = _channels_last_nodes(z)
     grad_nodes = grad.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1) if permuted else grad
     if name == "gelu" or name == "gelu_tanh":
         out = aten.gelu_backward(grad_nodes, nodes, approximate="tanh" if name == "gelu_tanh" else "none")
@@ -149,14 +146,6 @@ def update_running_stats(
         running_var.lerp_(var.to(running_var.dtype), momentum)
 
 
-def _linear(g: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
-    return grouped_linear(g, weight, bias, groups)
-
-
-def _conv(g: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int]) -> Tensor:
-    return F.conv2d(g, weight, bias, stride, padding)
-
-
 @torch.library.custom_op("vig_pyg::norm_act_linear", mutates_args=())
 def norm_act_linear(
     y: Tensor,
@@ -176,7 +165,7 @@ def norm_act_linear(
     batch statistics (mean, inverse std; empty with ``batch_stats=False``) that backward reuses."""
     _check_activation(act)
     z, mean, invstd = _normalize(y, norm_weight, norm_bias, running_mean, running_var, batch_stats, eps)
-    return _linear(_activate(act, act_slope, z), weight, bias, groups), mean, invstd
+    return grouped_linear(_activate(act, act_slope, z), weight, bias, groups), mean, invstd
 
 
 @torch.library.custom_op("vig_pyg::norm_act_conv", mutates_args=())
@@ -199,7 +188,7 @@ def norm_act_conv(
     batch statistics as in :func:`norm_act_linear`."""
     _check_activation(act)
     z, mean, invstd = _normalize(y, norm_weight, norm_bias, running_mean, running_var, batch_stats, eps)
-    out = _conv(_activate(act, act_slope, z), weight, bias, stride, padding)
+    out = F.conv2d(_activate(act, act_slope, z), weight, bias, stride, padding)
     return out, mean, invstd
 
 
@@ -262,39 +251,31 @@ def _backward_through_norm_act(ctx, saved, grad_g: Tensor):
     return grad_y, grad_nw if mask[1] else None, grad_nb if mask[2] else None
 
 
-def _norm_act_linear_backward(ctx, grad_out: Tensor, _grad_mean, _grad_invstd):
-    with autocast_like(ctx.autocast):
-        return _linear_backward(ctx, grad_out)
-
-
-def _linear_backward(ctx, grad_out: Tensor):
-    saved = _rebuild(ctx)
-    weight, g = saved[7], saved[9]
+def _linear_grads(ctx, grad_out: Tensor, g: Tensor, weight: Tensor):
     (groups,) = ctx.layer_args
-    rows = g.size(0)
-    grad_g, grad_w, grad_b = grouped_linear_backward(grad_out.reshape(rows, -1), g, weight, groups)
-    grad_y, grad_nw, grad_nb = _backward_through_norm_act(ctx, saved, grad_g)
-    grad_b = grad_b if ctx.has_bias else None
-    return grad_y, grad_nw, grad_nb, None, None, None, None, None, None, grad_w, grad_b, None
+    return grouped_linear_backward(grad_out.reshape(g.size(0), -1), g, weight, groups)
 
 
-def _norm_act_conv_backward(ctx, grad_out: Tensor, _grad_mean, _grad_invstd):
-    with autocast_like(ctx.autocast):
-        return _conv_backward(ctx, grad_out)
-
-
-def _conv_backward(ctx, grad_out: Tensor):
-    saved = _rebuild(ctx)
-    weight, g = saved[7], saved[9]
+def _conv_grads(ctx, grad_out: Tensor, g: Tensor, weight: Tensor):
     stride, padding = ctx.layer_args
-    grad_g, grad_w, grad_b = torch.ops.aten.convolution_backward(
+    return torch.ops.aten.convolution_backward(
         grad_out, g, weight, [weight.size(0)], stride, padding, [1, 1], False, [0, 0], 1,
         [True, True, ctx.has_bias],
     )  # fmt: skip
-    grad_y, grad_nw, grad_nb = _backward_through_norm_act(ctx, saved, grad_g)
-    grad_b = grad_b if ctx.has_bias else None
-    return grad_y, grad_nw, grad_nb, None, None, None, None, None, None, grad_w, grad_b, None, None
 
 
-norm_act_linear.register_autograd(_norm_act_linear_backward, setup_context=_setup)
-norm_act_conv.register_autograd(_norm_act_conv_backward, setup_context=_setup)
+def _backward(layer_grads, ctx, grad_out: Tensor, _grad_mean, _grad_invstd):
+    """Both operators' backward: rebuild the norm + act from ``y``, then the layer's and the norm's
+    gradients (``layer_grads``: the layer's input, weight and bias gradients)."""
+    with autocast_like(ctx.autocast):
+        saved = _rebuild(ctx)
+        weight, g = saved[7], saved[9]
+        grad_g, grad_w, grad_b = layer_grads(ctx, grad_out, g, weight)
+        grad_y, grad_nw, grad_nb = _backward_through_norm_act(ctx, saved, grad_g)
+    no_grads = (None,) * 6  # running statistics, batch_stats, eps, act, act_slope
+    layer_args = (None,) * len(ctx.layer_args)
+    return grad_y, grad_nw, grad_nb, *no_grads, grad_w, grad_b if ctx.has_bias else None, *layer_args
+
+
+norm_act_linear.register_autograd(functools.partial(_backward, _linear_grads), setup_context=_setup)
+norm_act_conv.register_autograd(functools.partial(_backward, _conv_grads), setup_context=_setup)
