@@ -36,7 +36,7 @@ from dense_reference import REFERENCE_VARIANTS, DenseDilatedKnnGraph, build_refe
 
 import vig_pyg
 from vig_pyg import kernels
-from vig_pyg.graph.dynamic import GridKNNGraph
+from vig_pyg.graph import GridKNNGraph
 from vig_pyg.models import convert_official
 
 DEFAULT_MODELS = [

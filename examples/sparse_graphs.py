@@ -19,7 +19,7 @@ import argparse
 import torch
 from torch import Tensor
 
-from vig_pyg.graph import batch_to_images, images_to_batch, knn_graph
+from vig_pyg.graph import Graph, batch_to_images, images_to_batch, knn_graph
 from vig_pyg.nn import MRConv
 
 
@@ -73,10 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"   edges: {dense.size(1)} = {len(x)} nodes x k={k}")
     print(f"   cross-image edges: {cross_edges(dense, batch)}")
     with torch.no_grad():
-        out_fast = conv(x, dense, k=k)  # k-regular: the gather fast path
-        out_pyg = conv(x, dense)  # k=None: PyG's scatter aggregation, as for any sparse graph
+        out_fast = conv(x, Graph.k_regular(dense, k))  # k-regular: the gather fast path
+        out_pyg = conv(x, dense)  # a plain edge_index: PyG's scatter aggregation, as for any sparse graph
     same = torch.allclose(out_fast, out_pyg, atol=1e-5)
-    print(f"   MRConv out {tuple(out_fast.shape)}; k= fast path == PyG aggregation: {same}")
+    print(f"   MRConv out {tuple(out_fast.shape)}; k-regular fast path == PyG aggregation: {same}")
 
     sizes = [(10, 10), (12, 16), (7, 9)] if args.quick else [(14, 14), (20, 28), (9, 13)]
     print(f"2. mixed sizes in one batch: feature maps {sizes}")
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     edge_index = knn_graph(data.x, k, data.batch)
     print(f"   cross-image edges: {cross_edges(edge_index, data.batch)}")
     with torch.no_grad():
-        data.x = conv(data.x, edge_index, k=k)
+        data.x = conv(data.x, Graph.k_regular(edge_index, k))
     outs = batch_to_images(data)
     print(f"   back to images: {[tuple(o.shape) for o in outs]}")
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vig_pyg.graph.dynamic import GridKNNGraph
+from vig_pyg.graph import GridKNNGraph
 from vig_pyg.graph.relative_pos import relative_position_bias
 
 __all__ = [
@@ -82,7 +82,7 @@ def block_node_margins(
     return rank_margins(dist, knn.k, knn.effective_dilation(m)).reshape(-1)
 
 
-_ARG_NAMES = ("nodes", "keys", "batch_size", "height", "width")
+_ARG_NAMES = ("nodes", "grid")
 
 
 def node_margins(model: nn.Module, x: Tensor) -> list[Tensor]:
@@ -99,8 +99,8 @@ def node_margins(model: nn.Module, x: Tensor) -> list[Tensor]:
     margins: list[Tensor] = []
 
     def hook(knn: GridKNNGraph, args: tuple, kwargs: dict) -> None:
-        values = list(args) + [kwargs[name] for name in _ARG_NAMES[len(args) :]]
-        margins.append(block_node_margins(knn, *values))
+        nodes, grid = list(args) + [kwargs[name] for name in _ARG_NAMES[len(args) :]]
+        margins.append(block_node_margins(knn, nodes, knn.key_nodes(nodes, grid), *grid))
 
     handles = [
         m.register_forward_pre_hook(hook, with_kwargs=True)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vig_pyg import kernels, ops
-from vig_pyg.graph import knn_graph
+from vig_pyg.graph import Graph, knn_graph
 from vig_pyg.nn import MRConv
 from vig_pyg.nn.aggr import gather_max
 from vig_pyg.ops import max_relative, neighbor_max
@@ -141,10 +141,10 @@ def test_mrconv_same_with_and_without_kernels(monkeypatch: pytest.MonkeyPatch, b
         conv.load_state_dict(state)  # the training forward updates the running statistics
         conv.eval()
         with torch.no_grad():
-            out_eval = conv(inputs, edge_index, k=7)
+            out_eval = conv(inputs, Graph.k_regular(edge_index, 7))
         conv.train()
         leaves = [t.clone().requires_grad_() for t in ((y, x) if bipartite else (x,))]
-        out = conv(tuple(leaves) if bipartite else leaves[0], edge_index, k=7)
+        out = conv(tuple(leaves) if bipartite else leaves[0], Graph.k_regular(edge_index, 7))
         grads = torch.autograd.grad(out.square().sum(), [*leaves, *conv.parameters()])
         return (out_eval, out, *grads)
 

@@ -11,8 +11,7 @@ from dense_reference import REFERENCE_VARIANTS, build_reference
 from test_parity import load_fixture, official_state_dict
 
 import vig_pyg
-from vig_pyg.graph import neighbors_to_edge_index
-from vig_pyg.graph.dynamic import GridKNNGraph
+from vig_pyg.graph import Graph, GridKNNGraph
 from vig_pyg.models import (
     convert_official,
     load_pretrained,
@@ -224,11 +223,13 @@ def test_full_size_parity_with_dense_reference(name: str, two_threads) -> None:
         debug = ref.forward_debug(x)
     forced = iter(debug["knn"])
 
-    def use_reference_neighbours(module, args, edge_index):
-        keys, b = args[1], args[2]
+    def use_reference_neighbours(module, args, graph):
+        nodes, grid = args
+        keys = graph.sources if graph.sources is not None else nodes
+        b = grid.batch_size
         nbr = next(forced)  # (B, N, k) local key indices
         offset = (torch.arange(b) * (keys.size(0) // b)).view(-1, 1, 1)
-        return neighbors_to_edge_index((nbr + offset).reshape(-1, nbr.size(-1)))
+        return Graph.from_neighbors((nbr + offset).reshape(-1, nbr.size(-1)), graph.sources)
 
     for m in model.modules():
         if isinstance(m, GridKNNGraph):

@@ -69,8 +69,10 @@ def test_info_prints_counts_and_a_block_table(capsys: pytest.CaptureFixture[str]
     header = next(i for i, line in enumerate(lines) if line.startswith("stage"))
     rows = [line.split() for line in lines[header + 2 :]]
     assert len(rows) == 5
-    assert rows[0][:3] == ["0", "0", "12"] and rows[0][3] == "9x9=81" and rows[0][-1] == "EdgeConv"
-    assert [r[7] for r in rows] == ["4", "2", "1", "1", "1"]  # reduce ratios
+    assert rows[0][:3] == ["0", "0", "12"] and rows[0][3] == "9x9=81" and rows[0][7] == "EdgeConv"
+    assert [r[5] for r in rows] == ["4", "2", "1", "1", "1"]  # reduce ratios
+    assert [r[6] for r in rows] == ["4"] * 5  # edges per node: k
+    assert rows[0][8:] == ["knn", "k=4", "dilation=1", "relative_pos"]
 
 
 def test_train_then_eval_visualize_convert(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vig_pyg.graph import knn_graph
+from vig_pyg.graph import Graph, knn_graph
 from vig_pyg.nn import EdgeConv, GINConv, GraphSAGE, GroupedLinear, GroupedMLP, MRConv, build_conv, list_convs
 
 CONVS = [MRConv, EdgeConv, GINConv, GraphSAGE]
@@ -82,8 +82,9 @@ def random_graph(num_src: int, num_dst: int, num_edges: int) -> torch.Tensor:
     return torch.stack([src, dst])
 
 
-def check_forward_and_grad(conv, x_src, x_dst, edge_index, **kwargs):
-    """Forward and input/parameter gradients of ``conv`` equal the reference's (``x_src is x_dst``: plain)."""
+def check_forward_and_grad(conv, x_src, x_dst, edge_index, k=None):
+    """Forward and input/parameter gradients of ``conv`` equal the reference's (``x_src is x_dst``: plain);
+    with ``k``, through the k-regular path (a :meth:`Graph.k_regular`)."""
     plain = x_src is x_dst
     leaves = (
         [x_src.clone().requires_grad_()]
@@ -91,7 +92,8 @@ def check_forward_and_grad(conv, x_src, x_dst, edge_index, **kwargs):
         else [x_src.clone().requires_grad_(), x_dst.clone().requires_grad_()]
     )
     ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
-    ours = conv(leaves[0] if plain else tuple(leaves), edge_index, **kwargs)
+    graph = Graph.k_regular(edge_index, k) if k is not None else edge_index
+    ours = conv(leaves[0] if plain else tuple(leaves), graph)
     ref = reference(conv, ref_leaves[0], ref_leaves[-1], edge_index)
     assert ours.shape == ref.shape == (x_dst.size(0), conv.out_channels)
     assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-5)
@@ -126,7 +128,7 @@ def test_k_regular_fast_path(cls, training: bool) -> None:
     x = torch.randn(40, 12)
     ei = knn_graph(x, 6, dilation=2)
     check_forward_and_grad(conv, x, x, ei, k=6)
-    assert torch.allclose(conv(x, ei, k=6), conv(x, ei), atol=1e-5)
+    assert torch.allclose(conv(x, Graph.k_regular(ei, 6)), conv(x, ei), atol=1e-5)
     # bipartite kNN graph (pooled keys)
     y = torch.randn(10, 12)
     ei = knn_graph(x, 4, y=y)
@@ -158,10 +160,10 @@ def test_mr_interleaves_channels() -> None:
     conv = MRConv(8, 8, act=None, norm=None).eval()
     x = torch.randn(10, 8)
     ei = knn_graph(x, 3)
-    base = conv(x, ei, k=3)
+    base = conv(x, Graph.k_regular(ei, 3))
     x2 = x.clone()
     x2[:, :2] += 1.0  # channels of group 0 only
-    changed = (conv(x2, ei, k=3) - base).abs().amax(0) > 1e-6
+    changed = (conv(x2, Graph.k_regular(ei, 3)) - base).abs().amax(0) > 1e-6
     assert changed[:2].all() and not changed[2:].any()
 
 
@@ -187,9 +189,9 @@ def test_registry_pyg_convs(name: str) -> None:
     conv = build_conv(name, 8, 16)
     x, y = torch.randn(20, 8), torch.randn(5, 8)
     ei = knn_graph(x, 3)
-    assert conv(x, ei, k=3).shape == (20, 16)
+    assert conv(x, Graph.k_regular(ei, 3)).shape == (20, 16)
     eb = knn_graph(x, 3, y=y)
-    out = conv((y, x), eb, k=3)
+    out = conv((y, x), Graph.k_regular(eb, 3))
     assert out.shape == (20, 16)
     out.sum().backward()
     assert all(p.grad is not None for p in conv.parameters() if p.requires_grad)
@@ -228,13 +230,16 @@ def test_bad_input() -> None:
     conv = MRConv(8, 8)
     x = torch.randn(10, 8)
     ei = knn_graph(x, 3)
-    with pytest.raises(ValueError, match="promises"):
-        conv(x, ei, k=4)
-    # k= promises edges grouped by target: a shuffled order is refused, not silently misread.
+    with pytest.raises(ValueError, match="multiple of 4 edges"):
+        conv(x, Graph.k_regular(ei, 4))
+    with pytest.raises(ValueError, match="needs 40 edges for 10 target nodes"):  # k=4 read as k=3's graph
+        conv(x, Graph.k_regular(ei[:, :24], 4))
+    # A k-regular graph promises edges grouped by target: a shuffled order is refused, not silently misread.
     shuffled = ei[:, torch.randperm(ei.size(1), generator=torch.Generator().manual_seed(0))]
     with pytest.raises(ValueError, match="grouped by target"):
-        conv(x, shuffled, k=3)
-    assert torch.allclose(conv(x, shuffled), conv(x, ei, k=3), atol=1e-6)  # k=None reads any order
+        conv(x, Graph.k_regular(shuffled, 3))
+    # A ragged graph (a plain edge_index) is read in any order.
+    assert torch.allclose(conv(x, shuffled), conv(x, Graph.k_regular(ei, 3)), atol=1e-6)
     with pytest.raises(ValueError, match=r"\(num_nodes, 8\)"):
         conv(torch.randn(10, 6), ei)
     with pytest.raises(TypeError, match="integer"):

@@ -64,7 +64,7 @@ def test_sparse_graphs(capsys: pytest.CaptureFixture[str]) -> None:
     load("sparse_graphs").main(["--quick"])
     out = capsys.readouterr().out
     assert "kNN back-ends agree (dense vs torch_cluster): True" in out
-    assert "k= fast path == PyG aggregation: True" in out
+    assert "k-regular fast path == PyG aggregation: True" in out
     assert out.count("cross-image edges: 0") == 2
     ragged = re.search(r"nodes per graph: \[(\d+), (\d+), (\d+)\] \(of", out)
     assert ragged is not None and len(set(ragged.groups())) > 1  # different patches kept per image

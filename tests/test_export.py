@@ -10,7 +10,7 @@ from test_parity import load_fixture, model_for, official_state_dict
 
 import vig_pyg
 from vig_pyg.export import create_feature_extractor, export_onnx, symbolic_trace
-from vig_pyg.graph.dynamic import GridKNNGraph
+from vig_pyg.graph import GridKNNGraph, PatchGrid
 from vig_pyg.layers.blocks import Grapher
 from vig_pyg.models import convert_official
 
@@ -143,14 +143,15 @@ def test_traced_forms_keep_train_eval_semantics() -> None:
             outs = [run(x) for _ in range(3)]
         assert not all(torch.equal(outs[0], o) for o in outs[1:])  # random: drop path and dilation
     # The kNN graph as FX keeps it (a leaf module): its train/eval switch acts at call time.
-    knn = next(m for m in model.modules() if isinstance(m, GridKNNGraph))
+    knn = next(m for m in model.modules() if isinstance(m, GridKNNGraph) and m.reduce_ratio == 1)
     knn.dilation = 2
-    nodes = torch.randn(2 * 36, 12)
+    nodes = torch.randn(2 * 36, knn.relative_pos_dim)
     knn.eval()
-    regular = knn(nodes, nodes, 2, 6, 6)
-    assert torch.equal(knn(nodes, nodes, 2, 6, 6), regular)
+    regular = knn(nodes, PatchGrid(2, 6, 6)).edge_index
+    assert torch.equal(knn(nodes, PatchGrid(2, 6, 6)).edge_index, regular)
     knn.train()
-    assert not torch.equal(knn(nodes, nodes, 2, 6, 6), regular)  # epsilon=1: always a random pattern
+    # epsilon=1: always a random pattern
+    assert not torch.equal(knn(nodes, PatchGrid(2, 6, 6)).edge_index, regular)
 
 
 @pytest.mark.parametrize("fixture", ["pvig_tiny_mr", "vig_tiny_mr"])

@@ -7,7 +7,7 @@ import torch
 from conftest import FIXTURES
 
 import vig_pyg
-from vig_pyg.graph.dynamic import GridKNNGraph
+from vig_pyg.graph import Graph, GridKNNGraph
 from vig_pyg.models.checkpoint import convert_official, to_official
 
 PYRAMID = ["pvig_tiny_mr", "pvig_tiny_edge", "pvig_tiny_sage", "pvig_tiny_gin"]
@@ -54,10 +54,13 @@ def record_knn(model: torch.nn.Module) -> tuple[list, list]:
     """Hooks that keep each Grapher's neighbour indices as (B, N, k), local to each image's key nodes."""
     out, handles = [], []
 
-    def hook(module: GridKNNGraph, args: tuple, edge_index: torch.Tensor) -> None:
-        nodes, keys, b = args[0], args[1], args[2]
+    def hook(module: GridKNNGraph, args: tuple, graph: Graph) -> None:
+        nodes, grid = args
+        b = grid.batch_size
+        keys = graph.sources if graph.sources is not None else nodes
         m = keys.size(0) // b
-        nbr = edge_index[0].view(b, nodes.size(0) // b, module.k)
+        assert graph.k == module.k
+        nbr = graph.edge_index[0].view(b, nodes.size(0) // b, module.k)
         out.append(nbr - (torch.arange(b) * m).view(-1, 1, 1))
 
     for mod in model.modules():

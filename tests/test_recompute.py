@@ -11,7 +11,7 @@ from knn_margin import separated_input
 from torch import nn
 
 import vig_pyg
-from vig_pyg.graph import knn_graph
+from vig_pyg.graph import Graph, knn_graph
 from vig_pyg.layers import FFN, ConvNorm, Grapher, Stem
 from vig_pyg.nn import MRConv
 from vig_pyg.nn.aggr import gather_max
@@ -310,7 +310,7 @@ def test_mr_training_equals_brute_force(bipartite: bool) -> None:
     else:
         edge_index = knn_graph(x.detach(), 4)
         inputs, inputs2 = x, x.detach().clone().requires_grad_()
-    out = conv(inputs, edge_index, k=4)
+    out = conv(inputs, Graph.k_regular(edge_index, 4))
     x_src, x_dst = inputs2 if bipartite else (inputs2, inputs2)
     neighbours = x_src[edge_index[0]].view(-1, 4, 8)  # autograd's own max: every winner's gradient
     ref = conv2.nn(interleave(x_dst, neighbours.amax(dim=1) - x_dst))
@@ -336,9 +336,9 @@ def test_mr_replayable_equals_pre_norm_forward() -> None:
         z = p * s
         return z, z
 
-    fn, tensors = conv.replayable(edge_index, 5, sources, (pre, scale))
+    fn, tensors = conv.replayable(Graph.k_regular(edge_index, 5), sources, (pre, scale))
     out = fn(*tensors)
-    ref = conv2(pre2 * scale2, edge_index, k=5, pre_norm=True)
+    ref = conv2(pre2 * scale2, Graph.k_regular(edge_index, 5), pre_norm=True)
     torch.testing.assert_close(out, ref)
     out.sum().backward()
     ref.sum().backward()
@@ -346,7 +346,9 @@ def test_mr_replayable_equals_pre_norm_forward() -> None:
     torch.testing.assert_close(scale.grad, scale2.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(conv.nn.lin.weight.grad, conv2.nn.lin.weight.grad, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="k <= 256"):
-        conv.replayable(edge_index, 300, sources, (pre, scale))
+        conv.replayable(Graph.from_neighbors(torch.zeros(30, 300, dtype=torch.long)), sources, (pre, scale))
+    with pytest.raises(ValueError, match="k-regular"):
+        conv.replayable(Graph(edge_index), sources, (pre, scale))
 
 
 # -- blocks and models -------------------------------------------------------------------------------

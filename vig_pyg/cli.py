@@ -43,6 +43,13 @@ def _key_value(text: str) -> tuple[str, Any]:
     return key, value
 
 
+def _int_or_list(text: str) -> int | list[int]:
+    values = _int_list(text)
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected an integer or comma-separated integers, got {text!r}")
+    return values[0] if len(values) == 1 and "," not in text else values
+
+
 def _patch(text: str) -> tuple[float, float]:
     try:
         y, x = (float(v) for v in text.split(","))
@@ -69,8 +76,22 @@ def _int_list(text: str) -> list[int]:
 def _add_model_overrides(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model overrides")
     g.add_argument("--img-size", type=int, help="input size the model is planned for (square)")
-    g.add_argument("--k", type=int, help="neighbours per node")
+    g.add_argument(
+        "--k", type=_int_or_list, help="neighbours per node, or one per graph block: 9 or 6,6,9,9,12"
+    )
     g.add_argument("--conv", help="graph convolution: mr, edge, gin, sage or any PyG conv name (e.g. gat)")
+    g.add_argument(
+        "--graph", help="graph builder: knn (ViG's dynamic kNN), grid, random, radius or a registered name"
+    )
+    g.add_argument(
+        "--graph-option",
+        dest="graph_options",
+        action="append",
+        type=_key_value,
+        default=None,
+        metavar="KEY=VALUE",
+        help="an option of the graph builder, e.g. --graph radius --graph-option r=0.8 (repeatable)",
+    )
     g.add_argument(
         "--set",
         dest="overrides",
@@ -84,9 +105,11 @@ def _add_model_overrides(p: argparse.ArgumentParser) -> None:
 
 def _model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs: dict[str, Any] = dict(args.overrides or [])
-    for name in ("img_size", "k", "conv"):
+    for name in ("img_size", "k", "conv", "graph"):
         if getattr(args, name, None) is not None:
             kwargs[name] = getattr(args, name)
+    if getattr(args, "graph_options", None):
+        kwargs["graph_kwargs"] = dict(args.graph_options)
     return kwargs
 
 

@@ -18,17 +18,18 @@ from torch import fx, nn
 
 from vig_pyg import ops
 from vig_pyg.files import atomic_path
-from vig_pyg.graph.dynamic import GridKNNGraph
+from vig_pyg.graph.builders import GraphBuilder, GridKNNGraph
 from vig_pyg.layers.blocks import FFN, Grapher
 from vig_pyg.layers.common import ConvNorm, DropPath, HeadBatchNorm
 
 __all__ = ["FX_LEAF_MODULES", "ViGTracer", "create_feature_extractor", "export_onnx", "symbolic_trace"]
 
-#: Modules that FX keeps as single calls: Graphers and their kNN need concrete shapes, DropPath the input's
-#: rank, ConvNorm its output's size (it applies an eval BatchNorm where that is cheaper), and an FFN as one
-#: call gives every block's output a node named after it (``stages_1_blocks_0_ffn``), which feature
-#: extraction by name relies on; the head's HeadBatchNorm chooses by batch size (a batch of one image).
-FX_LEAF_MODULES: tuple[type[nn.Module], ...] = (Grapher, GridKNNGraph, FFN, DropPath, ConvNorm, HeadBatchNorm)
+#: Modules that FX keeps as single calls: Graphers and their graph builders need concrete shapes,
+#: DropPath the input's rank, ConvNorm its output's size (it applies an eval BatchNorm where that is
+#: cheaper), and an FFN as one call gives every block's output a node named after it
+#: (``stages_1_blocks_0_ffn``), which feature extraction by name relies on; the head's HeadBatchNorm
+#: chooses by batch size (a batch of one image).
+FX_LEAF_MODULES: tuple[type[nn.Module], ...] = (Grapher, GraphBuilder, FFN, DropPath, ConvNorm, HeadBatchNorm)
 
 
 class ViGTracer(fx.Tracer):

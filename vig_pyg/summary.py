@@ -6,9 +6,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
-from vig_pyg.graph.dynamic import GridKNNGraph
+from vig_pyg.graph.builders import Graph, GraphBuilder, GridKNNGraph, PatchGrid
 from vig_pyg.layers import Grapher
 from vig_pyg.models.stats import model_stats
 from vig_pyg.nn import PyGConvAdapter
@@ -25,10 +25,12 @@ class BlockInfo:
         block: index among all Graphers.
         channels: node feature width.
         grid: ``(height, width)`` of the patch grid (the centre nodes).
-        keys: number of key nodes each centre chooses from (after pooling).
-        k: neighbours per node.
-        dilation: the dilation used at this input size (the planned one, capped by the key count).
+        keys: number of source nodes per image (after pooling).
+        k: neighbours per node of a k-regular graph, ``None`` for a ragged one.
+        degree: mean edges per node (``k`` for a k-regular graph; measured on the probe input otherwise).
+        dilation: the kNN dilation used at this input size (``None`` for builders without one).
         reduce_ratio: key pooling factor.
+        graph: the builder's settings at this size (its ``describe``).
         conv: the graph convolution's class name.
     """
 
@@ -37,9 +39,11 @@ class BlockInfo:
     channels: int
     grid: tuple[int, int]
     keys: int
-    k: int
-    dilation: int
+    k: int | None
+    degree: float
+    dilation: int | None
     reduce_ratio: int
+    graph: str
     conv: str
 
 
@@ -71,31 +75,31 @@ def model_summary(model: nn.Module, input_size: tuple[int, int, int] | None = No
         h, w = getattr(model, "img_size", (224, 224))
         input_size = (int(getattr(model, "in_chans", 3)), int(h), int(w))
     graphers = [(name, m) for name, m in model.named_modules() if isinstance(m, Grapher)]
-    by_knn = {g.knn: (name, g) for name, g in graphers}
-    seen: dict[GridKNNGraph, BlockInfo] = {}
+    by_builder = {g.graph: (name, g) for name, g in graphers}
+    seen: dict[GraphBuilder, BlockInfo] = {}
 
-    def hook(module: GridKNNGraph, args: tuple, kwargs: dict[str, Any], out: Tensor) -> None:
-        vals = list(args) + [
-            kwargs.get(n) for n in ("nodes", "keys", "batch_size", "height", "width")[len(args) :]
-        ]
-        nodes, keys, b, h, w = vals
-        name, grapher = by_knn[module]
-        m = keys.size(0) // int(b)
+    def hook(module: GraphBuilder, args: tuple, kwargs: dict[str, Any], out: Graph) -> None:
+        nodes, grid = (list(args) + [kwargs.get(n) for n in ("nodes", "grid")[len(args) :]])[:2]
+        grid = PatchGrid(*grid)
+        name, grapher = by_builder[module]
+        kh, kw = module.key_grid(grid.height, grid.width)
         stage = int(match[1]) if (match := re.search(r"stages\.(\d+)\.", name)) else 0
-        dilation = module.effective_dilation(m) if hasattr(module, "effective_dilation") else module.dilation
+        dilation = module.effective_dilation(kh * kw) if isinstance(module, GridKNNGraph) else None
         seen[module] = BlockInfo(
             stage=stage,
             block=len(seen),
             channels=int(nodes.size(1)),
-            grid=(int(h), int(w)),
-            keys=m,
-            k=int(module.k),
-            dilation=int(dilation),
+            grid=(grid.height, grid.width),
+            keys=kh * kw,
+            k=out.k,
+            degree=out.num_edges / nodes.size(0),
+            dilation=dilation,
             reduce_ratio=int(module.reduce_ratio),
+            graph=module.describe(grid),
             conv=_conv_name(grapher.graph_conv),
         )
 
-    handles = [g.knn.register_forward_hook(hook, with_kwargs=True) for _, g in graphers]
+    handles = [g.graph.register_forward_hook(hook, with_kwargs=True) for _, g in graphers]
     try:
         stats = model_stats(model, input_size)
     finally:
@@ -119,7 +123,7 @@ def format_summary(summary: ModelSummary, name: str = "") -> str:
         + f", {_macs(summary.macs)} MACs at {c}x{h}x{w}",
         "",
     ]
-    header = ["stage", "block", "channels", "nodes", "keys", "k", "dilation", "reduce", "conv"]
+    header = ["stage", "block", "channels", "nodes", "keys", "reduce", "edges/node", "conv", "graph"]
     rows = [
         [
             str(b.stage),
@@ -127,15 +131,15 @@ def format_summary(summary: ModelSummary, name: str = "") -> str:
             str(b.channels),
             f"{b.grid[0]}x{b.grid[1]}={b.grid[0] * b.grid[1]}",
             str(b.keys),
-            str(b.k),
-            str(b.dilation),
             str(b.reduce_ratio),
+            str(b.k) if b.k is not None else f"{b.degree:.2f}",
             b.conv,
+            b.graph,
         ]
         for b in summary.blocks
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    fmt = "  ".join(f"{{:<{wd}}}" if i in (3, 8) else f"{{:>{wd}}}" for i, wd in enumerate(widths))
+    fmt = "  ".join(f"{{:<{wd}}}" if i in (3, 7, 8) else f"{{:>{wd}}}" for i, wd in enumerate(widths))
     lines.append(fmt.format(*header).rstrip())
     lines.append("  ".join("-" * wd for wd in widths))
     lines += [fmt.format(*r).rstrip() for r in rows]

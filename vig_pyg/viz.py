@@ -3,7 +3,8 @@
 Like the ViG paper's figure of graph structure: over the input image, a centre patch is filled and its
 ``k`` neighbours are outlined and joined to it by lines. With pooled keys (Pyramid ViG's reduce ratio
 ``r > 1``) a neighbour is an ``r x r`` cell of patches. The neighbours come from forward hooks on the
-model's :class:`~vig_pyg.graph.GridKNNGraph` modules, so they are exactly the edges the model uses.
+model's graph builders (:class:`~vig_pyg.graph.GraphBuilder`, any of them: a ragged graph too), so they
+are exactly the edges the model uses.
 Drawn with Pillow only.
 """
 
@@ -18,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 
 from vig_pyg.data.transforms import EvalResize, Preprocessing, uint8_to_pil
-from vig_pyg.graph.dynamic import GridKNNGraph
+from vig_pyg.graph.builders import Graph, GraphBuilder, GridKNNGraph, PatchGrid
 
 __all__ = ["BlockGraph", "capture_graphs", "default_blocks", "draw_graphs", "visualize_graph"]
 
@@ -28,16 +29,18 @@ PALETTE = [(230, 25, 75), (0, 130, 200), (255, 180, 0), (60, 180, 75), (145, 30,
 
 @dataclass(frozen=True)
 class BlockGraph:
-    """The kNN graph one Grapher built for the first image of a batch.
+    """The graph one Grapher built for the first image of a batch.
 
     Attributes:
         index: position among the model's Graphers (0-based).
-        name: the module path of the ``GridKNNGraph``.
+        name: the module path of the graph builder.
         channels: node feature width.
         height, width: the patch grid of the centre nodes.
         key_height, key_width: the grid of the key nodes (the centre grid pooled by ``reduce_ratio``).
-        k, reduce_ratio: the module's settings.
-        dilation: the dilation used at this input size (the planned one, capped by the key count).
+        k: neighbours per node of a k-regular graph, ``None`` for a ragged one.
+        reduce_ratio: the builder's key pooling.
+        dilation: the kNN dilation used at this input size (``None`` for builders without one).
+        description: the builder's settings (its ``describe``).
         edge_index: ``(2, E)``: row 0 the neighbour (key index), row 1 the centre (raster order).
     """
 
@@ -48,10 +51,11 @@ class BlockGraph:
     width: int
     key_height: int
     key_width: int
-    k: int
-    dilation: int
+    k: int | None
+    dilation: int | None
     reduce_ratio: int
     edge_index: Tensor
+    description: str = ""
 
     def neighbours(self, centre: int) -> list[int]:
         """Key indices joined to centre node ``centre``."""
@@ -64,43 +68,38 @@ class BlockGraph:
         return row * self.width + col
 
 
-def _arg(args: tuple, kwargs: dict[str, Any], i: int, name: str) -> Any:
-    return args[i] if len(args) > i else kwargs[name]
-
-
 def capture_graphs(model: nn.Module, images: Tensor) -> list[BlockGraph]:
-    """Run ``model`` on ``images`` in eval mode and record every Grapher's kNN graph (first image only).
+    """Run ``model`` on ``images`` in eval mode and record every Grapher's graph (first image only).
 
     Args:
-        model: a ViG model (any module containing ``GridKNNGraph`` modules).
+        model: a ViG model (any module containing :class:`~vig_pyg.graph.GraphBuilder` modules).
         images: a normalised batch ``(B, 3, H, W)``.
     """
     graphs: list[BlockGraph] = []
-    names = {m: n for n, m in model.named_modules() if isinstance(m, GridKNNGraph)}
+    names = {m: n for n, m in model.named_modules() if isinstance(m, GraphBuilder)}
 
-    def hook(module: GridKNNGraph, args: tuple, kwargs: dict[str, Any], out: Tensor) -> None:
-        nodes, keys = _arg(args, kwargs, 0, "nodes"), _arg(args, kwargs, 1, "keys")
-        b, h, w = (int(_arg(args, kwargs, i, n)) for i, n in ((2, "batch_size"), (3, "height"), (4, "width")))
-        n, m = h * w, keys.size(0) // b
-        r = max(1, int(module.reduce_ratio))
-        kh = h // r if r > 1 else h
-        kw = m // kh if kh else 0
-        ei = out.detach().cpu()
+    def hook(module: GraphBuilder, args: tuple, kwargs: dict[str, Any], out: Graph) -> None:
+        nodes, grid = (list(args) + [kwargs.get(n) for n in ("nodes", "grid")[len(args) :]])[:2]
+        grid = PatchGrid(*grid)
+        n = grid.num_nodes
+        kh, kw = module.key_grid(grid.height, grid.width)
+        ei = out.edge_index.detach().cpu()
         first = ei[:, ei[1] < n]  # centres of image 0 are 0..n-1 and their neighbours 0..m-1
-        eff = getattr(module, "effective_dilation", None)
+        dilation = module.effective_dilation(kh * kw) if isinstance(module, GridKNNGraph) else None
         graphs.append(
             BlockGraph(
                 index=len(graphs),
                 name=names.get(module, ""),
                 channels=int(nodes.size(1)),
-                height=h,
-                width=w,
+                height=grid.height,
+                width=grid.width,
                 key_height=kh,
                 key_width=kw,
-                k=int(module.k),
-                dilation=int(eff(m)) if callable(eff) else int(module.dilation),
-                reduce_ratio=r,
+                k=out.k,
+                dilation=dilation,
+                reduce_ratio=int(module.reduce_ratio),
                 edge_index=first,
+                description=module.describe(grid),
             )
         )
 
@@ -192,7 +191,7 @@ def draw_graphs(
         title: a line above the panels.
     """
     if not graphs:
-        raise ValueError("no graphs to draw: the model has no GridKNNGraph modules")
+        raise ValueError("no graphs to draw: the model has no graph builders (GraphBuilder modules)")
     if not patches:
         raise ValueError("choose at least one patch")
     for y, x in patches:
@@ -218,7 +217,7 @@ def draw_graphs(
         g = graphs[b]
         x0 = pad + i * (panel_size + pad)
         label = f"block {g.index}: {g.height}x{g.width} nodes"
-        detail = f"k={g.k}  dilation={g.dilation}" + (
+        detail = (g.description or (f"k={g.k}" if g.k is not None else "ragged")) + (
             f"  keys pooled {g.reduce_ratio}x{g.reduce_ratio}" if g.reduce_ratio > 1 else ""
         )
         draw.text((x0, top - head + 2), label, fill=(0, 0, 0), font=font)

@@ -6,11 +6,10 @@ import functools
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vig_pyg.graph.bridge import image_to_nodes, nodes_to_image
-from vig_pyg.graph.dynamic import GridKNNGraph
+from vig_pyg.graph.builders import GraphBuilder, PatchGrid, build_graph
 from vig_pyg.graph.knn import KNNMethod
 from vig_pyg.layers.common import ConvNorm, DropPath
 from vig_pyg.nn.aggr import MAX_K_POSITIONS
@@ -24,25 +23,32 @@ __all__ = ["FFN", "Grapher", "ViGBlock"]
 
 
 class Grapher(nn.Module):
-    """``fc1 -> graph conv on a fresh kNN graph -> fc2``, drop path and shortcut.
+    """``fc1 -> graph conv on the block's graph -> fc2``, drop path and shortcut.
 
-    The feature map's patches are the nodes. With ``reduce_ratio > 1`` the neighbours are the nodes of
-    the ``reduce_ratio``-average-pooled map (Pyramid ViG's cheap early stages): a bipartite graph from
-    pooled keys to full-resolution centres. The graph conv maps ``C`` to ``2C`` channels and ``fc2`` back.
+    The feature map's patches are the nodes; the graph builder (ViG's dynamic kNN by default, or any
+    :func:`vig_pyg.graph.build_graph` takes) joins them on every forward pass, and the graph conv maps
+    ``C`` to ``2C`` channels over that graph and ``fc2`` back. With ``reduce_ratio > 1`` the sources are
+    the nodes of the ``reduce_ratio``-average-pooled map (Pyramid ViG's cheap early stages): a bipartite
+    graph from pooled keys to full-resolution centres.
 
     Args:
         channels: ``C``.
-        k, dilation, reduce_ratio, relative_pos, stochastic, epsilon, knn_method, grid_size: the kNN graph
-            (:class:`vig_pyg.graph.dynamic.GridKNNGraph`; ``relative_pos`` adds Pyramid ViG's position term,
-            precomputed for the planned ``grid_size``).
+        graph: the graph builder: a name (``"knn"``, ``"grid"``, ``"random"``, ``"radius"``, or one
+            registered with :func:`vig_pyg.graph.register_graph`), a builder class or factory, or a built
+            :class:`vig_pyg.graph.GraphBuilder`.
+        graph_kwargs: options for the builder (e.g. ``{"r": 0.8}`` for ``radius``).
+        k, dilation, reduce_ratio, relative_pos, stochastic, epsilon, knn_method, grid_size: the block's
+            graph settings, passed to the builder where it takes them (``knn`` takes all of them;
+            ``relative_pos`` adds Pyramid ViG's position term, precomputed for the planned ``grid_size``).
         conv: graph convolution, any name or class :func:`vig_pyg.nn.build_conv` takes.
         drop_path: stochastic depth rate of the branch.
         act, norm, bias, groups: options of ViG's own convolutions (ignored by other convs).
 
     In training, a ViG conv's norm and activation run with fc2's linear map as one operator that keeps only
-    the conv's pre-norm output for backward, and with MRConv (``k <= 256``) everything from fc1's linear
-    output to fc2's norm is replayed in backward instead (:mod:`vig_pyg.nn.recompute`). ``memory_saving``
-    says whether (on for ViG's convs with a BatchNorm and a parameter-free activation; a per-block switch).
+    the conv's pre-norm output for backward, and with MRConv on a k-regular graph (``k <= 256``) everything
+    from fc1's linear output to fc2's norm is replayed in backward instead (:mod:`vig_pyg.nn.recompute`).
+    ``memory_saving`` says whether (on for ViG's convs with a BatchNorm and a parameter-free activation; a
+    per-block switch).
     """
 
     def __init__(
@@ -62,20 +68,31 @@ class Grapher(nn.Module):
         norm: str | None = "batch",
         bias: bool = True,
         groups: int = 4,
+        graph: Any = "knn",
+        graph_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.reduce_ratio = reduce_ratio
         self.fc1 = ConvNorm(channels, channels)
-        self.knn = GridKNNGraph(
-            k,
-            dilation,
-            reduce_ratio,
-            channels if relative_pos else None,
-            stochastic,
-            epsilon,
-            knn_method,
-            grid_size,
-        )
+        if isinstance(graph, GraphBuilder):
+            if graph_kwargs:
+                raise ValueError(
+                    "graph_kwargs configure a builder by name or class, not a built GraphBuilder"
+                )
+            self.graph = graph
+        else:
+            self.graph = build_graph(
+                graph,
+                graph_kwargs,
+                k=k,
+                dilation=dilation,
+                reduce_ratio=reduce_ratio,
+                channels=channels,
+                relative_pos=relative_pos,
+                stochastic=stochastic,
+                epsilon=epsilon,
+                method=knn_method,
+                grid_size=grid_size,
+            )
         conv_kwargs: dict[str, Any] = {}
         if takes_vig_options(conv):
             conv_kwargs = {"groups": groups, "act": act, "norm": norm, "bias": bias}
@@ -89,19 +106,10 @@ class Grapher(nn.Module):
             and activation_name(mlp.act) is not None
         )
         self.memory_saving = self.supports_memory_saving
-        self._replays_mr = isinstance(self.graph_conv, MRConv) and k <= MAX_K_POSITIONS
-
-    def _pool(self, nodes: Tensor, b: int, h: int, w: int) -> Tensor:
-        """The key nodes: ``nodes`` themselves, or those of the ``reduce_ratio``-average-pooled map."""
-        if self.reduce_ratio == 1:
-            return nodes
-        r = self.reduce_ratio
-        return image_to_nodes(F.avg_pool2d(nodes_to_image(nodes, b, h, w), r, r))  # (B*M, C)
-
-    def _sources(self, replay_norm, b, h, w, pre, weight, bias) -> tuple[Tensor, Tensor]:
-        # fc1's norm replayed on its linear output, then the pooling: the conv's (x_src, x_dst).
-        nodes = replay_norm(pre, weight, bias)
-        return self._pool(nodes, b, h, w), nodes
+        builder = self.graph
+        self._replays_mr = (
+            isinstance(self.graph_conv, MRConv) and builder.regular and (builder.k or 0) <= MAX_K_POSITIONS
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
@@ -109,44 +117,46 @@ class Grapher(nn.Module):
                 "a Grapher builds its graph from the input's shape, which torch.fx.symbolic_trace cannot "
                 "see; trace with vig_pyg.export.symbolic_trace(model), which keeps Graphers as leaf modules"
             )
-        shortcut = x
-        b, _, h, w = x.shape
+        grid = PatchGrid(*x.shape[:1], *x.shape[2:])
         conv = self.graph_conv
         saving = self.training and self.memory_saving
         if saving and self._replays_mr and replays_in_backward(x):
-            x = self._train_mr(x, b, h, w)
+            out = self._train_mr(x, grid)
         else:
             nodes = image_to_nodes(self.fc1(x))  # (B*H*W, C)
-            keys = self._pool(nodes, b, h, w)
-            edge_index = self.knn(nodes, keys, b, h, w)
-            inputs = nodes if keys is nodes else (keys, nodes)
+            graph = self.graph(nodes, grid)
             if saving:
                 # Training: the conv's norm + act and fc2's linear map as one operator that keeps only the
                 # conv's pre-norm output for backward (vig_pyg.nn.recompute).
                 mlp, fc2 = conv.output_mlp, self.fc2.conv
-                x = conv(inputs, edge_index, k=self.knn.k, pre_norm=True)  # (B*H*W, 2C)
-                x = norm_act_linear(x, mlp.norm, mlp.act, fc2.weight.flatten(1), fc2.bias)
-                x = self.fc2.norm(nodes_to_image(x, b, h, w))
+                out = conv(nodes, graph, pre_norm=True)  # (B*H*W, 2C)
+                out = norm_act_linear(out, mlp.norm, mlp.act, fc2.weight.flatten(1), fc2.bias)
+                out = self.fc2.norm(nodes_to_image(out, *grid))
             else:
-                x = nodes_to_image(conv(inputs, edge_index, k=self.knn.k), b, h, w)  # (B, 2C, H, W)
-                x = self.fc2(x)
-        return residual_add(self.drop_path(x), shortcut)
+                out = self.fc2(nodes_to_image(conv(nodes, graph), *grid))  # (B, C, H, W)
+        return residual_add(self.drop_path(out), x)
 
     def extra_repr(self) -> str:
         return f"memory_saving={self.memory_saving}"
 
-    def _train_mr(self, x: Tensor, b: int, h: int, w: int) -> Tensor:
+    def _sources(self, replay_norm, grid, pre, weight, bias) -> tuple[Tensor, Tensor]:
+        # fc1's norm replayed on its linear output, then the builder's key nodes: the conv's (x_src, x_dst).
+        nodes = replay_norm(pre, weight, bias)
+        return self.graph.key_nodes(nodes, grid), nodes
+
+    def _train_mr(self, x: Tensor, grid: PatchGrid) -> Tensor:
         """Training with MRConv: everything between fc1's linear map and fc2's norm (fc1's norm, the
         pooling, the conv, its norm + act, fc2's linear map) is replayed in backward from fc1's linear
         output, the one tensor kept (vig_pyg.nn.recompute). Same results as the plain layers."""
         norm, mlp, fc2 = self.fc1.norm, self.graph_conv.nn, self.fc2.conv
+        b, h, w = grid
         pre = self.fc1.project(x).view(b * h * w, -1)  # (B*H*W, C) before the norm
         nodes, replay = batch_norm_once(norm, pre)  # updates the running statistics, once
-        keys = self._pool(nodes, b, h, w)
-        edge_index = self.knn(nodes, keys, b, h, w)
-        sources = functools.partial(self._sources, replay, b, h, w)
+        graph = self.graph(nodes, grid)
+        keys = graph.sources if graph.sources is not None else nodes
+        sources = functools.partial(self._sources, replay, grid)
         conv = self.graph_conv.replayable(
-            edge_index, self.knn.k, sources, (pre, norm.weight, norm.bias), computed=(keys, nodes)
+            graph, sources, (pre, norm.weight, norm.bias), computed=(keys, nodes)
         )
         x = norm_act_linear(None, mlp.norm, mlp.act, fc2.weight.flatten(1), fc2.bias, recompute_from=conv)
         return self.fc2.norm(nodes_to_image(x, b, h, w))

@@ -22,6 +22,8 @@ __all__ = [
     "ceil_div",
     "check_positive_ints",
     "image_size_pair",
+    "per_block",
+    "per_block_ints",
 ]
 
 
@@ -43,6 +45,30 @@ def check_positive_ints(
     if count is not None and len(items) != count:
         raise ValueError(f"{name} needs {count} entries ({entries}), got {len(items)}: {tuple(items)}")
     return tuple(items)
+
+
+def per_block(name: str, value: Any, count: int, kind: type | tuple[type, ...]) -> list[Any]:
+    """``value`` for each of ``count`` graph blocks: one value for all, or a sequence of ``count`` values.
+
+    ``kind`` is the type of one value (``int`` for ``k``, ``dict`` for ``graph_kwargs``)."""
+    if isinstance(value, kind) and not isinstance(value, bool):
+        return [value] * count
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        values = list(value)
+        if len(values) != count or not all(isinstance(v, kind) and not isinstance(v, bool) for v in values):
+            raise ValueError(
+                f"{name} takes one value for every graph block or a sequence of {count} (one per block), "
+                f"got {value!r}"
+            )
+        return values
+    raise ValueError(f"{name} takes one value for every graph block or a sequence of {count}, got {value!r}")
+
+
+def per_block_ints(name: str, value: int | Sequence[int], count: int) -> list[int]:
+    """A positive int for each of ``count`` graph blocks: one for all, or a sequence of ``count``."""
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return list(check_positive_ints(name, value, count=count, entries="one per graph block"))
+    return list(check_positive_ints(name, value)) * count
 
 
 def image_size_pair(size: int | Sequence[int]) -> tuple[int, int]:
@@ -139,9 +165,22 @@ class ViGModel(nn.Module):
     def _levels(self) -> list[nn.Module]:
         raise NotImplementedError
 
-    def graph_sizes(self, height: int, width: int) -> list[tuple[int, int, int]]:
-        """``(query nodes, key nodes, k)`` of every Grapher for an input of ``height x width``."""
+    def _block_grids(self, height: int, width: int) -> list[tuple[int, int]]:
+        """The patch grid of every Grapher, in order, for an input of ``height x width``."""
         raise NotImplementedError
+
+    def graphers(self) -> list[Grapher]:
+        """The model's Graphers in order."""
+        return [m for m in self.modules() if isinstance(m, Grapher)]
+
+    def graph_sizes(self, height: int, width: int) -> list[tuple[int, int, int]]:
+        """``(query nodes, key nodes, fewest key nodes its builder needs)`` of every Grapher for an input
+        of ``height x width`` (the last is ``k`` for builders with a ``k``)."""
+        sizes = []
+        for grapher, (h, w) in zip(self.graphers(), self._block_grids(height, width)):
+            kh, kw = grapher.graph.key_grid(h, w)
+            sizes.append((h * w, kh * kw, grapher.graph.min_keys))
+        return sizes
 
     def _fits(self, height: int, width: int) -> bool:
         return all(keys >= k for _, keys, k in self.graph_sizes(height, width))

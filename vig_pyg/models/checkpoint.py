@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from vig_pyg.files import atomic_write, state_digest
-from vig_pyg.graph.dynamic import GridKNNGraph
+from vig_pyg.graph.builders import GridKNNGraph
 
 __all__ = [
     "CHECKSUM_KEY",
@@ -116,6 +116,9 @@ def official_key_map(model: nn.Module) -> dict[str, str]:
     return mapping
 
 
+_RELATIVE_POS = re.compile(r"backbone\.\d+\.0\.relative_pos")
+
+
 def _relative_pos_keys(model: nn.Module) -> dict[str, GridKNNGraph]:
     """Official ``relative_pos`` key -> the kNN module holding that term, for every pyramid Grapher."""
     offsets = _stage_offsets(model)
@@ -124,8 +127,9 @@ def _relative_pos_keys(model: nn.Module) -> dict[str, GridKNNGraph]:
     out = {}
     for s, stage in enumerate(model.stages):  # type: ignore[attr-defined]
         for j, block in enumerate(stage.blocks):
-            if block.grapher.knn.relative_pos_dim is not None:
-                out[f"backbone.{offsets[s] + j}.0.relative_pos"] = block.grapher.knn
+            graph = block.grapher.graph
+            if getattr(graph, "relative_pos_dim", None) is not None:
+                out[f"backbone.{offsets[s] + j}.0.relative_pos"] = graph
     return out
 
 
@@ -168,7 +172,14 @@ def convert_official(state_dict: Mapping[str, Tensor], model: nn.Module) -> dict
     own = model.state_dict()
     rel_keys = _relative_pos_keys(model)
     missing = [official for official in mapping.values() if official not in state_dict]
-    unexpected = [k for k in state_dict if k not in set(mapping.values()) and k not in rel_keys]
+    # A block whose graph builder has no relative-position term (e.g. graph="grid") has no use for its
+    # official relative_pos entry: derived, not learned, so it is left out.
+    derived = _RELATIVE_POS if _stage_offsets(model) is not None else None
+    unexpected = [
+        k
+        for k in state_dict
+        if k not in set(mapping.values()) and k not in rel_keys and not (derived and derived.fullmatch(k))
+    ]
     if missing or unexpected:
         raise _missing_unexpected_error(missing, unexpected, "the official checkpoint")
     for key, knn in rel_keys.items():

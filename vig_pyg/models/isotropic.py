@@ -7,6 +7,7 @@ Paper: "Vision GNN: An Image is Worth Graph of Nodes", Han et al., NeurIPS 2022
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -15,7 +16,14 @@ from torch import nn
 from vig_pyg.graph.knn import KNNMethod
 from vig_pyg.layers.blocks import ViGBlock
 from vig_pyg.layers.common import ClassifierHead, Stem
-from vig_pyg.models.base import ViGModel, ceil_div, check_positive_ints, image_size_pair
+from vig_pyg.models.base import (
+    ViGModel,
+    ceil_div,
+    check_positive_ints,
+    image_size_pair,
+    per_block,
+    per_block_ints,
+)
 from vig_pyg.models.registry import register_model
 from vig_pyg.tuning import set_gemm
 
@@ -29,7 +37,11 @@ class IsotropicViG(ViGModel):
         channels: width of every block.
         blocks: number of Grapher + FFN blocks.
         k: neighbours of the first block; like the official models, it grows linearly to ``2k`` over depth.
+            Or a sequence with one ``k`` per block.
         conv: graph convolution (a name or class; see :func:`vig_pyg.nn.build_conv`).
+        graph: graph builder of every block (a name or class; see :func:`vig_pyg.graph.build_graph`):
+            ``"knn"`` (ViG's dynamic kNN, the default), ``"grid"``, ``"random"``, ``"radius"``, ...
+        graph_kwargs: the builder's options, one dict for all blocks or a sequence of one per block.
         num_classes: classifier outputs (0 for none).
         img_size: the input size the position embedding and dilation schedule are planned for; other
             sizes work too (the embedding is resized, dilation capped by the node count).
@@ -50,8 +62,10 @@ class IsotropicViG(ViGModel):
         self,
         channels: int = 192,
         blocks: int = 12,
-        k: int = 9,
+        k: int | Sequence[int] = 9,
         conv: Any = "mr",
+        graph: Any = "knn",
+        graph_kwargs: dict[str, Any] | Sequence[dict[str, Any]] | None = None,
         num_classes: int = 1000,
         img_size: int | tuple[int, int] = 224,
         in_chans: int = 3,
@@ -66,8 +80,8 @@ class IsotropicViG(ViGModel):
         gemm: str = "auto",
     ) -> None:
         super().__init__()
-        (channels,), (blocks,), (k,) = (
-            check_positive_ints(n, v) for n, v in (("channels", channels), ("blocks", blocks), ("k", k))
+        (channels,), (blocks,) = (
+            check_positive_ints(n, v) for n, v in (("channels", channels), ("blocks", blocks))
         )
         if channels % 8:
             raise ValueError(
@@ -78,8 +92,13 @@ class IsotropicViG(ViGModel):
         self.num_features = channels
         self.head_hidden_size = head_hidden
         grid = (ceil_div(self.img_size[0], 16), ceil_div(self.img_size[1], 16))
-        # k grows from k to 2k; float32 linspace then truncation, as the official schedule is computed.
-        self.ks = [int(v) for v in torch.linspace(k, 2 * k, blocks, device="cpu").tolist()]
+        if isinstance(k, int) and not isinstance(k, bool):
+            (k,) = check_positive_ints("k", k)
+            # k grows from k to 2k; float32 linspace then truncation, as the official schedule is computed.
+            self.ks = [int(v) for v in torch.linspace(k, 2 * k, blocks, device="cpu").tolist()]
+        else:
+            self.ks = per_block_ints("k", k, blocks)
+        options = per_block("graph_kwargs", graph_kwargs if graph_kwargs is not None else {}, blocks, dict)
         max_dilation = max(1, grid[0] * grid[1] // max(self.ks))
         self.dilations = [min(i // 4 + 1, max_dilation) if use_dilation else 1 for i in range(blocks)]
         dpr = torch.linspace(0, drop_path_rate, blocks, device="cpu").tolist()
@@ -95,6 +114,8 @@ class IsotropicViG(ViGModel):
                     k=self.ks[i],
                     dilation=self.dilations[i],
                     conv=conv,
+                    graph=graph,
+                    graph_kwargs=options[i],
                     act=act,
                     drop_path=dpr[i],
                     stochastic=stochastic,
@@ -116,9 +137,8 @@ class IsotropicViG(ViGModel):
     def _levels(self) -> list[nn.Module]:
         return list(self.blocks)
 
-    def graph_sizes(self, height: int, width: int) -> list[tuple[int, int, int]]:
-        n = ceil_div(height, 16) * ceil_div(width, 16)
-        return [(n, n, k) for k in self.ks]
+    def _block_grids(self, height: int, width: int) -> list[tuple[int, int]]:
+        return [(ceil_div(height, 16), ceil_div(width, 16))] * len(self.ks)
 
 
 def _isotropic(**kwargs: Any) -> IsotropicViG:

@@ -23,6 +23,8 @@ from vig_pyg.models.base import (
     check_positive_ints,
     downsample,
     image_size_pair,
+    per_block,
+    per_block_ints,
 )
 from vig_pyg.models.registry import register_model
 from vig_pyg.tuning import set_gemm
@@ -40,8 +42,11 @@ class PyramidViG(ViGModel):
     Args:
         channels: width of each of the four stages.
         blocks: blocks in each stage.
-        k: neighbours of every Grapher.
+        k: neighbours of every Grapher, or a sequence with one ``k`` per Grapher.
         conv: graph convolution (a name or class; see :func:`vig_pyg.nn.build_conv`).
+        graph: graph builder of every Grapher (a name or class; see :func:`vig_pyg.graph.build_graph`):
+            ``"knn"`` (ViG's dynamic kNN, the default), ``"grid"``, ``"random"``, ``"radius"``, ...
+        graph_kwargs: the builder's options, one dict for all Graphers or a sequence of one per Grapher.
         num_classes: classifier outputs (0 for none).
         img_size: the input size the position embedding and dilation schedule are planned for; other
             sizes work too (the embedding is resized, dilation capped by the node count).
@@ -62,8 +67,10 @@ class PyramidViG(ViGModel):
         self,
         channels: Sequence[int] = (48, 96, 240, 384),
         blocks: Sequence[int] = (2, 2, 6, 2),
-        k: int = 9,
+        k: int | Sequence[int] = 9,
         conv: Any = "mr",
+        graph: Any = "knn",
+        graph_kwargs: dict[str, Any] | Sequence[dict[str, Any]] | None = None,
         num_classes: int = 1000,
         img_size: int | tuple[int, int] = 224,
         in_chans: int = 3,
@@ -82,20 +89,21 @@ class PyramidViG(ViGModel):
         channels = check_positive_ints("channels", channels, count=4)
         blocks = check_positive_ints("blocks", blocks, count=4)
         reduce_ratios = check_positive_ints("reduce_ratios", reduce_ratios, count=4)
-        (k,) = check_positive_ints("k", k)
+        total = sum(blocks)
+        ks = per_block_ints("k", k, total)
+        options = per_block("graph_kwargs", graph_kwargs if graph_kwargs is not None else {}, total, dict)
         if any(c % 4 for c in channels):
             raise ValueError(
                 f"stage widths must be divisible by 4 (grouped convs, sine-cosine term), got {channels}"
             )
         self.img_size = image_size_pair(img_size)
         self.in_chans, self.num_classes = in_chans, num_classes
-        self.channels, self.depths, self.reduce_ratios, self.k = channels, blocks, reduce_ratios, k
+        self.channels, self.depths, self.reduce_ratios, self.ks = channels, blocks, reduce_ratios, ks
         self.num_features = channels[-1]
         self.head_hidden_size = head_hidden
         grid = (ceil_div(self.img_size[0], 4), ceil_div(self.img_size[1], 4))
         last = (ceil_div(self.img_size[0], 32), ceil_div(self.img_size[1], 32))
-        max_dilation = max(1, last[0] * last[1] // k)
-        total = sum(blocks)
+        max_dilation = max(1, last[0] * last[1] // max(ks))
         dpr = torch.linspace(0, drop_path_rate, total, device="cpu").tolist()
         # The dilation uses the block index counted across all stages.
         self.dilations = [min(i // 4 + 1, max_dilation) for i in range(total)]
@@ -110,9 +118,11 @@ class PyramidViG(ViGModel):
             stage_blocks = [
                 ViGBlock(
                     width,
-                    k=k,
+                    k=ks[idx + j],
                     dilation=self.dilations[idx + j],
                     conv=conv,
+                    graph=graph,
+                    graph_kwargs=options[idx + j],
                     reduce_ratio=r,
                     relative_pos=True,
                     act=act,
@@ -139,14 +149,14 @@ class PyramidViG(ViGModel):
     def _levels(self) -> list[nn.Module]:
         return list(self.stages)
 
-    def graph_sizes(self, height: int, width: int) -> list[tuple[int, int, int]]:
+    def _block_grids(self, height: int, width: int) -> list[tuple[int, int]]:
         h, w = ceil_div(height, 4), ceil_div(width, 4)
-        sizes = []
-        for s, (depth, r) in enumerate(zip(self.depths, self.reduce_ratios)):
+        grids = []
+        for s, depth in enumerate(self.depths):
             if s > 0:
                 h, w = ceil_div(h, 2), ceil_div(w, 2)
-            sizes += [(h * w, (h // r) * (w // r), self.k)] * depth
-        return sizes
+            grids += [(h, w)] * depth
+        return grids
 
 
 def _pyramid(**kwargs: Any) -> PyramidViG:

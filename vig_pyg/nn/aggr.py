@@ -16,41 +16,12 @@ CPU kernels of the operator ``vig_pyg::neighbor_max`` (:mod:`vig_pyg.ops.aggrega
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from vig_pyg import ops
 from vig_pyg.ops import MAX_K_POSITIONS
-from vig_pyg.tracing import is_tracing
 
-__all__ = ["MAX_K_POSITIONS", "check_k_regular", "gather_max", "gather_neighbors"]
-
-
-def check_k_regular(edge_index: Tensor, num_targets: int, k: int) -> None:
-    """Check the promise that ``edge_index`` holds ``k`` edges per target, grouped by target in order.
-
-    The shapes always; the targets themselves (one comparison over the edges) in eager mode, where a
-    graph that breaks the promise would otherwise give a silently wrong result. Captured graphs
-    (``torch.compile``, ``torch.export``) cannot raise on values and skip that part.
-    """
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int (the in-degree of every node), got {k!r}")
-    if edge_index.dim() != 2 or edge_index.size(0) != 2:
-        raise ValueError(f"edge_index must be (2, num_edges), got {tuple(edge_index.shape)}")
-    if edge_index.size(1) != num_targets * k:
-        raise ValueError(
-            f"k={k} promises {num_targets * k} edges for {num_targets} target nodes, but edge_index has "
-            f"{edge_index.size(1)}; pass k only for graphs from knn_graph(), or k=None for any graph"
-        )
-    if not is_tracing():
-        targets = edge_index[1].view(num_targets, k)
-        expected = torch.arange(num_targets, device=edge_index.device, dtype=edge_index.dtype)
-        if not bool((targets == expected.unsqueeze(1)).all()):
-            raise ValueError(
-                f"k={k} promises edges grouped by target (target 0's {k} edges first, then target 1's, ...), "
-                "but edge_index is ordered otherwise; sort it by target (e.g. torch_geometric.utils."
-                "sort_edge_index(edge_index, sort_by_row=False)) or pass k=None for any graph"
-            )
+__all__ = ["MAX_K_POSITIONS", "gather_max", "gather_neighbors"]
 
 
 def gather_neighbors(x_src: Tensor, edge_index: Tensor, k: int) -> Tensor:

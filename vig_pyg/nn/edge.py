@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch_geometric.typing import Adj, Size
 
+from vig_pyg.graph.builders.base import Graph
 from vig_pyg.nn.aggr import gather_neighbors
 from vig_pyg.nn.base import PairTensor, ViGConv
 from vig_pyg.nn.mlp import GroupedMLP, activate, fold_batch_norm
@@ -51,6 +53,7 @@ class EdgeConv(ViGConv):
         bias: bool = True,
     ) -> None:
         super().__init__(in_channels, out_channels, aggr="max", groups=groups)
+        self._check_groups(2 * in_channels, "2 x in_channels", out_channels)
         self.nn = GroupedMLP(2 * in_channels, out_channels, groups, act, norm, bias)
         self.reset_parameters()
 
@@ -58,10 +61,10 @@ class EdgeConv(ViGConv):
         super().reset_parameters()
         self.nn.reset_parameters()
 
-    def forward(self, x: Tensor | PairTensor, edge_index: Tensor, k: int | None = None) -> Tensor:
-        x_src, x_dst = self._split(x, edge_index, k)
+    def forward(self, x: Tensor | PairTensor, edge_index: Adj | Graph, size: Size = None) -> Tensor:
+        x_src, x_dst, edge_index, k = self._split(x, edge_index)
         if k is None:
-            return self.propagate(edge_index, x=(x_src, x_dst))
+            return self.propagate(edge_index, x=(x_src, x_dst), size=size)
         # Linear in its input: lin([x_i, x_j - x_i]) = (W_i - W_j) x_i + W_j x_j + b, two GEMMs over the
         # nodes instead of one over every edge (k times the rows, twice the width); only the sum, the
         # norm (statistics over edges, as before) and the activation run per edge. An eval BatchNorm is an

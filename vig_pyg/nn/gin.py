@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch_geometric.typing import Adj, Size
 
+from vig_pyg.graph.builders.base import Graph
 from vig_pyg.nn.aggr import gather_neighbors
 from vig_pyg.nn.base import PairTensor, ViGConv
 from vig_pyg.nn.mlp import GroupedMLP
@@ -52,6 +54,7 @@ class GINConv(ViGConv):
         train_eps: bool = True,
     ) -> None:
         super().__init__(in_channels, out_channels, aggr="sum", groups=groups)
+        self._check_groups(in_channels, "in_channels", out_channels)
         self.nn = GroupedMLP(in_channels, out_channels, groups, act, norm, bias)
         self.initial_eps = eps
         if train_eps:
@@ -70,13 +73,13 @@ class GINConv(ViGConv):
         return self.nn
 
     def forward(
-        self, x: Tensor | PairTensor, edge_index: Tensor, k: int | None = None, pre_norm: bool = False
+        self, x: Tensor | PairTensor, edge_index: Adj | Graph, size: Size = None, *, pre_norm: bool = False
     ) -> Tensor:
-        x_src, x_dst = self._split(x, edge_index, k)
+        x_src, x_dst, edge_index, k = self._split(x, edge_index)
         if k is not None:
             agg = gather_neighbors(x_src, edge_index, k).sum(dim=1)  # (N, C)
         else:
-            agg = self.propagate(edge_index, x=(x_src, x_dst))
+            agg = self.propagate(edge_index, x=(x_src, x_dst), size=size)
         return self.nn((1 + self.eps) * x_dst + agg, pre_norm=pre_norm)
 
     def message(self, x_j: Tensor) -> Tensor:

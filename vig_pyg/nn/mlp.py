@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from vig_pyg.ops.grouped import grouped_linear, grouped_linear_backward
 
@@ -111,10 +112,10 @@ def fold_pays(weight: Tensor, output_elements: int) -> bool:
 
     Folding rewrites the weight on every call; normalising rewrites the output. Late layers at small
     batches have far larger weights than outputs (Pyramid ViG's last downsampling conv at batch 1: 2.3 M
-    weights for 31 k outputs), early layers the reverse. Symbolic sizes (a dynamic batch under
-    ``torch.export``) fold, which needs no branch on them.
+    weights for 31 k outputs), early layers the reverse. Sizes a trace cannot decide on (a dynamic batch
+    under ``torch.export``, a ragged graph's edge count) fold, which needs no guard on them.
     """
-    return not isinstance(output_elements, int) or weight.numel() <= output_elements
+    return guard_or_true(weight.numel() <= output_elements)
 
 
 def normalize_output(y: Tensor, norm: nn.modules.batchnorm._BatchNorm) -> Tensor:

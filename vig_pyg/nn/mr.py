@@ -8,9 +8,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from torch_geometric.typing import Adj, Size
 
 from vig_pyg import ops
-from vig_pyg.nn.aggr import check_k_regular
+from vig_pyg.graph.builders.base import Graph
 from vig_pyg.nn.base import PairTensor, ViGConv
 from vig_pyg.nn.mlp import GroupedMLP, grouped_linear
 from vig_pyg.nn.recompute import autocast_like, autocast_state, grouped_linear_grads
@@ -104,6 +105,7 @@ class MRConv(ViGConv):
         bias: bool = True,
     ) -> None:
         super().__init__(in_channels, out_channels, aggr="max", groups=groups)
+        self._check_groups(2 * in_channels, "2 x in_channels", out_channels)
         self.nn = GroupedMLP(2 * in_channels, out_channels, groups, act, norm, bias)
         self.reset_parameters()
 
@@ -117,8 +119,7 @@ class MRConv(ViGConv):
 
     def replayable(
         self,
-        edge_index: Tensor,
-        k: int,
+        graph: Graph,
         source_fn: Callable[..., PairTensor],
         source_inputs: Sequence[Tensor],
         computed: PairTensor | None = None,
@@ -126,31 +127,36 @@ class MRConv(ViGConv):
         """This conv as a pure function of tensors, for callers that rebuild its output in backward.
 
         Returns ``(fn, tensors)`` such that ``fn(*tensors)`` equals
-        ``self(source_fn(*source_inputs), edge_index, k=k, pre_norm=True)``; ``tensors`` are
+        ``self(source_fn(*source_inputs), graph, pre_norm=True)`` for a k-regular ``graph``; ``tensors`` are
         ``source_inputs`` followed by this conv's weights. ``source_fn`` maps ``source_inputs`` to the
         pair ``(x_src, x_dst)`` and must not update any state (the Grapher passes its fc1 BatchNorm,
         replayed, and pooling). Under autograd ``fn`` keeps only ``source_inputs`` and the positions of
         the maxima for its own backward, and replays ``source_fn`` there. ``computed``: the pair, if the
         caller already has it (then the first, no-autograd call uses it instead of running ``source_fn``).
         """
-        if not 1 <= k <= MAX_K_POSITIONS:
+        k = graph.k
+        if k is None or not 1 <= k <= MAX_K_POSITIONS:
             raise ValueError(
-                f"replayable() needs 1 <= k <= {MAX_K_POSITIONS} (the max positions are bytes), got k={k}"
+                f"replayable() needs a k-regular graph with k <= {MAX_K_POSITIONS} (the max positions are "
+                f"bytes), got {graph!r}"
             )
-        check_k_regular(edge_index, edge_index.size(1) // k, k)
         lin = self.nn.lin
-        fn = functools.partial(_replay, edge_index[0], k, lin.groups, source_fn, computed, len(source_inputs))
+        fn = functools.partial(
+            _replay, graph.edge_index[0], k, lin.groups, source_fn, computed, len(source_inputs)
+        )
         return fn, (*source_inputs, lin.weight, lin.bias)
 
     def forward(
-        self, x: Tensor | PairTensor, edge_index: Tensor, k: int | None = None, pre_norm: bool = False
+        self, x: Tensor | PairTensor, edge_index: Adj | Graph, size: Size = None, *, pre_norm: bool = False
     ) -> Tensor:
-        x_src, x_dst = self._split(x, edge_index, k)
+        x_src, x_dst, edge_index, k = self._split(x, edge_index)
         if k is not None and k <= MAX_K_POSITIONS:  # k-regular: one operator (vig_pyg.ops.aggregate)
             # The winners' positions, a byte per value, are what backward keeps where x_src needs a gradient.
             h = ops.max_relative(x_src, x_dst, edge_index[0], k, x_src.requires_grad)[0]
         else:
-            h = interleave(x_dst, self.propagate(edge_index, x=(x_src, x_dst)))  # [x_i, max_j x_j - x_i]
+            h = interleave(
+                x_dst, self.propagate(edge_index, x=(x_src, x_dst), size=size)
+            )  # [x_i, max_j x_j - x_i]
         return self.nn(h, pre_norm=pre_norm)
 
     def message(self, x_i: Tensor, x_j: Tensor) -> Tensor:

@@ -1,9 +1,10 @@
 """Graph convolutions by name: the four ViG convolutions and stock PyTorch Geometric ones.
 
 A Grapher asks :func:`build_conv` for a convolution from ``in_channels`` to ``out_channels`` node
-features and calls it as ``conv(x, edge_index, k=k)``, where ``x`` is a tensor or a pair
-``(x_src, x_dst)``. ViG's own convolutions take that call directly; any other class is wrapped in
-:class:`PyGConvAdapter`, which also gives bipartite input to convolutions that only accept one node set.
+features and calls it as ``conv(nodes, graph)`` with the :class:`vig_pyg.graph.Graph` its builder made.
+ViG's own convolutions take that call directly; any other class is wrapped in :class:`PyGConvAdapter`,
+which passes the graph's ``edge_index`` (and its source nodes, as a pair) and gives bipartite input to
+convolutions that only accept one node set.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import torch_geometric.nn as pyg_nn
 from torch import Tensor, nn
 
+from vig_pyg.graph.builders.base import Graph
 from vig_pyg.nn.base import PairTensor, ViGConv
 from vig_pyg.nn.edge import EdgeConv
 from vig_pyg.nn.gin import GINConv
@@ -118,11 +120,13 @@ def resolve_conv_name(conv: str | type) -> str:
 
 
 class PyGConvAdapter(nn.Module):
-    """Gives any PyG-style convolution the ViG call ``conv(x, edge_index, k=None)``.
+    """Gives any PyG-style convolution the Grapher's call ``conv(x, graph)``.
 
-    ``k`` is only a hint for ViG's own convolutions and is ignored here. A convolution that cannot take a
-    pair ``(x_src, x_dst)`` (``bipartite=False``) is run on the union of both node sets, targets first,
-    and the targets' rows are returned: messages still only flow along the given edges.
+    A :class:`vig_pyg.graph.Graph` becomes its ``edge_index`` (the k-regular layout is a hint for ViG's
+    own convolutions and is not needed here) and, for a bipartite graph, the pair ``(sources, x)``. A
+    convolution that cannot take a pair ``(x_src, x_dst)`` (``bipartite=False``) is run on the union of
+    both node sets, targets first, and the targets' rows are returned: messages still only flow along the
+    given edges.
     """
 
     def __init__(self, conv: nn.Module, bipartite: bool = True) -> None:
@@ -130,7 +134,11 @@ class PyGConvAdapter(nn.Module):
         self.conv = conv
         self.bipartite = bipartite
 
-    def forward(self, x: Tensor | PairTensor, edge_index: Tensor, k: int | None = None) -> Tensor:
+    def forward(self, x: Tensor | PairTensor, edge_index: Tensor | Graph) -> Tensor:
+        if isinstance(edge_index, Graph):
+            if isinstance(x, Tensor) and edge_index.sources is not None:
+                x = (edge_index.sources, x)
+            edge_index = edge_index.edge_index
         if isinstance(x, Tensor):
             return self.conv(x, edge_index)
         x_src, x_dst = x

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch_geometric.typing import Adj, Size
 
+from vig_pyg.graph.builders.base import Graph
 from vig_pyg.nn.aggr import gather_max, gather_neighbors
 from vig_pyg.nn.base import PairTensor, ViGConv
 from vig_pyg.nn.mlp import GroupedMLP
@@ -50,6 +52,7 @@ class GraphSAGE(ViGConv):
         bias: bool = True,
     ) -> None:
         super().__init__(in_channels, out_channels, aggr="max", groups=groups)
+        self._check_groups(in_channels, "in_channels", out_channels)
         self.nn1 = GroupedMLP(in_channels, in_channels, groups, act, norm, bias)
         self.nn2 = GroupedMLP(2 * in_channels, out_channels, groups, act, norm, bias)
         self.reset_parameters()
@@ -64,11 +67,11 @@ class GraphSAGE(ViGConv):
         return self.nn2
 
     def forward(
-        self, x: Tensor | PairTensor, edge_index: Tensor, k: int | None = None, pre_norm: bool = False
+        self, x: Tensor | PairTensor, edge_index: Adj | Graph, size: Size = None, *, pre_norm: bool = False
     ) -> Tensor:
-        x_src, x_dst = self._split(x, edge_index, k)
+        x_src, x_dst, edge_index, k = self._split(x, edge_index)
         if k is None:
-            agg = self.propagate(edge_index, x=(x_src, x_dst))
+            agg = self.propagate(edge_index, x=(x_src, x_dst), size=size)
         elif self.nn1.norm.training:  # BatchNorm statistics over the edges: nn1 runs on every edge
             agg = self.nn1(gather_neighbors(x_src, edge_index, k)).amax(dim=1)  # (N, C)
         else:  # nn1 of an edge depends on its source alone: once per source node, then the max over k

@@ -8,6 +8,8 @@ call ``torch.ops.vig_pyg.*`` (through the functions below) in eager mode, under 
 * ``neighbor_max``, ``max_relative`` (:mod:`.aggregate`): the max over every node's ``k`` neighbours, and
   MRConv's interleaved ``[x, max - x]`` input, with the winners' positions and an autograd formula that
   keeps only them;
+* ``masked_edges`` (:mod:`.ragged`): a ragged edge list from a neighbour table and a keep mask, with a
+  data-dependent edge count (a radius graph);
 * ``norm_act_linear``, ``norm_act_conv`` (:mod:`.norm_act`): BatchNorm, activation and the next layer as
   one step whose backward keeps only its input (training memory; PyTorch's implementation only).
 
@@ -26,9 +28,10 @@ from collections.abc import Callable, Iterator
 import torch
 
 from vig_pyg import kernels
-from vig_pyg.ops import aggregate, select
+from vig_pyg.ops import aggregate, ragged, select
 from vig_pyg.ops.aggregate import MAX_K_POSITIONS, max_relative, neighbor_max
 from vig_pyg.ops.norm_act import norm_act_conv, norm_act_linear
+from vig_pyg.ops.ragged import masked_edges
 from vig_pyg.ops.select import KERNEL_MAX_K, knn_topk
 
 __all__ = [
@@ -37,6 +40,7 @@ __all__ = [
     "cpu_kernels",
     "decompositions",
     "knn_topk",
+    "masked_edges",
     "max_relative",
     "neighbor_max",
     "norm_act_conv",
@@ -91,6 +95,7 @@ def decompositions() -> dict[torch._ops.OpOverload, Callable]:
         torch.ops.vig_pyg.knn_topk.default: select.reference_knn_topk,
         torch.ops.vig_pyg.neighbor_max.default: aggregate.reference_neighbor_max,
         torch.ops.vig_pyg.max_relative.default: aggregate.reference_max_relative,
+        torch.ops.vig_pyg.masked_edges.default: ragged.masked_edges_reference,
     }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 __all__ = ["grouped_linear", "grouped_linear_backward"]
 
@@ -35,6 +36,8 @@ def grouped_linear(x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) 
     """
     if groups == 1:
         return F.linear(x, weight, bias)
+    if guard_or_false(x.size(0) == 0):  # no rows (a graph without edges): a map of width 0 is refused
+        return F.linear(x, torch.block_diag(*weight.view(groups, -1, weight.size(1)).unbind(0)), bias)
     out = F.conv2d(_as_map(x), weight.unsqueeze(-1).unsqueeze(-1), bias, groups=groups)
     return _as_rows(out)
 

@@ -1,11 +1,12 @@
-"""The kNN graph a ViG block rebuilds on every forward pass over its patch grid."""
+"""``knn``: ViG's dynamic graph, rebuilt from the node features on every forward pass."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from vig_pyg.graph.builders.base import Graph, GraphBuilder, PatchGrid
 from vig_pyg.graph.knn import (
     KNNMethod,
     LowRankBias,
@@ -13,20 +14,21 @@ from vig_pyg.graph.knn import (
     choose_method,
     dilate,
     equal_size_candidates,
-    neighbors_to_edge_index,
 )
 from vig_pyg.graph.relative_pos import relative_position_bias, relative_position_factors
 
 __all__ = ["GridKNNGraph"]
 
 
-class GridKNNGraph(nn.Module):
+class GridKNNGraph(GraphBuilder):
     """ViG's dynamic graph over the ``H x W`` patch grid of each image in a batch.
 
     Every forward pass joins each query node to ``k`` of its ``k * dilation`` nearest key nodes (by
-    L2-normalised features), within its own image. With ``relative_pos_dim`` set, Pyramid ViG's
-    relative-position term for a grid of that many channels is added to the distance; for the planned
-    ``grid_size`` it is precomputed (a non-persistent buffer), for other grids computed on first use.
+    L2-normalised features), within its own image: every ``dilation``-th of them, or (stochastic
+    dilation, in training) a random ``k`` of them with probability ``epsilon``. With ``relative_pos``,
+    Pyramid ViG's relative-position term for a grid of ``channels`` channels is added to the distance;
+    for the planned ``grid_size`` it is precomputed (a non-persistent buffer), for other grids computed
+    on first use.
 
     When an input is smaller than the one the dilation was planned for, the dilation is lowered to what
     the key nodes allow (``keys // k``), as the official models derive their largest dilation from the
@@ -39,28 +41,38 @@ class GridKNNGraph(nn.Module):
         k: neighbours per node.
         dilation: dilation ``d``.
         reduce_ratio: the key nodes are the grid average-pooled by this factor (Pyramid ViG's ``r``).
-        relative_pos_dim: channel count of the relative-position term, or ``None`` for none.
+        channels: the node feature width (needed for ``relative_pos``).
+        relative_pos: add Pyramid ViG's relative-position term to the distance.
         stochastic: stochastic dilation in training.
         epsilon: its probability.
         method: kNN back-end (``"auto"``, ``"dense"`` or ``"torch_cluster"``).
         grid_size: the ``(H, W)`` the model is planned for (precomputes the relative-position term).
     """
 
+    regular = True
+
     def __init__(
         self,
         k: int = 9,
         dilation: int = 1,
         reduce_ratio: int = 1,
-        relative_pos_dim: int | None = None,
+        channels: int | None = None,
+        relative_pos: bool = False,
         stochastic: bool = False,
         epsilon: float = 0.2,
         method: KNNMethod = "auto",
         grid_size: tuple[int, int] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(reduce_ratio)
         if method not in ("auto", "dense", "torch_cluster"):
             raise ValueError(f"unknown kNN method {method!r}; choose 'auto', 'dense' or 'torch_cluster'")
-        self.k, self.dilation, self.reduce_ratio = k, dilation, reduce_ratio
+        for name, value in (("k", k), ("dilation", dilation)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if relative_pos and channels is None:
+            raise ValueError("relative_pos=True needs channels (the width of the position term)")
+        self.k, self.dilation = k, dilation
+        relative_pos_dim = channels if relative_pos else None
         self.relative_pos_dim = relative_pos_dim
         self.stochastic, self.epsilon, self.method = stochastic, epsilon, method
         self.grid_size = tuple(grid_size) if grid_size is not None else None
@@ -93,14 +105,15 @@ class GridKNNGraph(nn.Module):
             return relative_position_bias(self.relative_pos_dim, height, width, self.reduce_ratio, device)
         return relative_position_factors(self.relative_pos_dim, height, width, self.reduce_ratio, device)
 
-    def forward(self, nodes: Tensor, keys: Tensor, batch_size: int, height: int, width: int) -> Tensor:
-        """Edge index ``(2, B * H * W * k)``, sorted by target, ``k`` per target.
+    def forward(self, nodes: Tensor, grid: PatchGrid) -> Graph:
+        """Each of the ``B * H * W`` nodes joined to ``k`` key nodes of its image: a k-regular graph.
 
         Args:
-            nodes: ``(B * H * W, C)`` query node features (raster order per image).
-            keys: ``(B * M, C)`` key node features (``nodes`` itself when ``reduce_ratio == 1``).
-            batch_size, height, width: the grid.
+            nodes: ``(B * H * W, C)`` node features (raster order per image).
+            grid: their layout.
         """
+        batch_size, height, width = grid
+        keys = self.key_nodes(nodes, grid)
         n = height * width
         m = keys.size(0) // batch_size
         d = self.effective_dilation(m)
@@ -123,7 +136,14 @@ class GridKNNGraph(nn.Module):
                 )
                 nbr = _cluster_candidates(x, y if bipartite else None, kd, batch, batch_y, bias)
             nbr = dilate(nbr, self.k, d, stochastic=stochastic, epsilon=self.epsilon)
-            return neighbors_to_edge_index(nbr)
+        return Graph.from_neighbors(nbr, keys if bipartite else None)
+
+    def describe(self, grid: PatchGrid) -> str:
+        m = self.key_grid(grid.height, grid.width)
+        parts = [f"knn k={self.k}", f"dilation={self.effective_dilation(m[0] * m[1])}"]
+        if self.relative_pos_dim is not None:
+            parts.append("relative_pos")
+        return " ".join(parts)
 
     def extra_repr(self) -> str:
         parts = [f"k={self.k}", f"dilation={self.dilation}"]
