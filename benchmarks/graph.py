@@ -1,4 +1,4 @@
-"""Micro-benchmark of the graph layer alone: kNN back-ends and conv aggregation at ViG's sizes.
+"""Micro-benchmark of the graph layer alone: graph builders, kNN back-ends, conv aggregation at ViG's sizes.
 
     python -m benchmarks.graph [--quick] [--out benchmarks/results/graph_cpu.csv]
 
@@ -15,7 +15,7 @@ import torch
 
 from benchmarks.common import RESULTS, environment, median_time, paired_speedup, paired_times, write_csv
 from vig_pyg import kernels
-from vig_pyg.graph import knn_graph
+from vig_pyg.graph import Graph, PatchGrid, build_graph, knn_graph
 from vig_pyg.nn import EdgeConv, GINConv, GraphSAGE, MRConv
 from vig_pyg.ops import max_relative
 from vig_pyg.ops.aggregate import blocked_max_relative
@@ -79,11 +79,12 @@ def bench_aggregation(batch: int, quick: bool) -> list[dict[str, object]]:
     n, c, k = 196, 192, 9
     x = torch.randn(batch * n, c)
     ei = knn_graph(x, k, torch.arange(batch).repeat_interleave(n), method="dense")
+    regular = Graph.k_regular(ei, k)
     for cls in (MRConv, EdgeConv, GINConv, GraphSAGE):
         conv = cls(c, 2 * c).eval()
         with torch.no_grad():  # called in turn, the speed-up the median of the per-round ratios
             general_ms, fast_ms, speedup = _compare(
-                lambda conv=conv: conv(x, ei), lambda conv=conv: conv(x, ei, k=k), quick
+                lambda conv=conv: conv(x, ei), lambda conv=conv: conv(x, regular), quick
             )
         rows.append(
             {
@@ -95,6 +96,49 @@ def bench_aggregation(batch: int, quick: bool) -> list[dict[str, object]]:
                 "speedup": speedup,
             }
         )
+    return rows
+
+
+# (label, grid side, reduce ratio, channels, k, dilation) of pvig_s_224_gelu's Graphers (first of a stage).
+BUILDER_SIZES = [
+    ("pvig_s stage1", 56, 4, 80, 9, 1),
+    ("pvig_s stage2", 28, 2, 160, 9, 2),
+    ("pvig_s stage3", 14, 1, 400, 9, 2),
+    ("pvig_s stage4", 7, 1, 640, 9, 5),
+]
+
+
+def bench_builders(batch: int, quick: bool) -> list[dict[str, object]]:
+    """One graph per block by each built-in builder, called in turn with ViG's dynamic kNN (dense)."""
+    rows = []
+    for label, side, r, c, k, d in BUILDER_SIZES[:2] if quick else BUILDER_SIZES:
+        grid = PatchGrid(batch, side, side)
+        nodes = torch.randn(batch * side * side, c)
+        block = {"k": k, "dilation": d, "reduce_ratio": r, "channels": c, "grid_size": (side, side)}
+        builders = {
+            "knn": build_graph("knn", {"method": "dense", "relative_pos": True}, **block),
+            "grid": build_graph("grid", **block),
+            "random": build_graph("random", **block),
+            "radius": build_graph("radius", **block),
+        }
+        with torch.no_grad():
+            graphs = {name: b(nodes, grid) for name, b in builders.items()}
+            fns = {name: (lambda b=b, x=nodes, g=grid: b(x, g)) for name, b in builders.items()}
+            times = paired_times(fns, warmup=1, repeats=3 if quick else 7)
+        for name in builders:
+            rows.append(
+                {
+                    "op": f"graph={name}",
+                    "size": label,
+                    "batch": batch,
+                    "nodes": side * side,
+                    "keys": (side // r) ** 2,
+                    "channels": c,
+                    "edges_per_node": round(graphs[name].num_edges / nodes.size(0), 2),
+                    "ms": round(statistics.median(times[name]) * 1e3, 3),
+                    "knn_over_this": round(paired_speedup(times["knn"], times[name]), 2),
+                }
+            )
     return rows
 
 
@@ -186,12 +230,17 @@ def main(argv: list[str] | None = None) -> None:
     agg_rows = [{**r, **env} for r in bench_aggregation(args.batch, args.quick)]
     select_rows = [{**r, **env} for r in bench_select(args.batch, args.quick)]
     max_rows = [{**r, **env} for r in bench_gather_max(args.batch, args.quick)]
+    builder_rows = [{**r, **env} for r in bench_builders(args.batch, args.quick)]
     prefix = args.out or RESULTS / "graph"
     write_csv(Path(f"{prefix}_knn.csv"), knn_rows)
     write_csv(Path(f"{prefix}_aggregation.csv"), agg_rows)
     if select_rows:
         write_csv(Path(f"{prefix}_select.csv"), select_rows)
     write_csv(Path(f"{prefix}_gather_max.csv"), max_rows)
+    write_csv(Path(f"{prefix}_builders.csv"), builder_rows)
+    for r in builder_rows:
+        print(f"{r['size']:>22}: {r['op']:>12} {r['ms']:8.2f} ms  {r['edges_per_node']:>5} edges/node  "
+              f"knn / this x{r['knn_over_this']}")  # fmt: skip
     for r in knn_rows:
         ratio = r["cluster_over_dense"]
         print(f"{r['size']:>22}: dense {r['dense_ms']:8.2f} ms  torch_cluster "

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import vig_pyg
 from vig_pyg.graph import Graph, knn_graph
 from vig_pyg.nn import EdgeConv, GINConv, GraphSAGE, GroupedLinear, GroupedMLP, MRConv, build_conv, list_convs
 
@@ -221,7 +222,7 @@ def test_registry_accepts_classes() -> None:
 
 
 def test_bad_input() -> None:
-    with pytest.raises(ValueError, match="divisible by groups"):
+    with pytest.raises(ValueError, match="groups=4 must both divide"):
         GINConv(6, 12)
     with pytest.raises(ValueError, match=r"unknown graph convolution 'mrr'.*Did you mean 'mr'"):
         build_conv("mrr", 8, 8)
@@ -233,7 +234,7 @@ def test_bad_input() -> None:
     with pytest.raises(ValueError, match="multiple of 4 edges"):
         conv(x, Graph.k_regular(ei, 4))
     with pytest.raises(ValueError, match="needs 40 edges for 10 target nodes"):  # k=4 read as k=3's graph
-        conv(x, Graph.k_regular(ei[:, :24], 4))
+        conv(x, Graph.from_neighbors(torch.zeros(6, 4, dtype=torch.long)))
     # A k-regular graph promises edges grouped by target: a shuffled order is refused, not silently misread.
     shuffled = ei[:, torch.randperm(ei.size(1), generator=torch.Generator().manual_seed(0))]
     with pytest.raises(ValueError, match="grouped by target"):
@@ -246,3 +247,73 @@ def test_bad_input() -> None:
         conv(x, ei.float())
     with pytest.raises(ValueError, match="positive int"):
         MRConv(0, 8)
+
+
+@pytest.mark.parametrize("cls", CONVS)
+def test_pyg_call_contract(cls) -> None:
+    """PyG's call: (x, edge_index, size) positionally, sparse adjacencies, EdgeIndex, (x, None)."""
+    from torch_geometric import EdgeIndex
+    from torch_geometric.utils import to_torch_coo_tensor, to_torch_csr_tensor
+
+    conv = randomise(cls(8, 16)).eval()
+    x = torch.randn(20, 8)
+    ei = knn_graph(x, 3)
+    ref = reference(conv, x, x, ei)
+    adj_t = ei.flip(0)  # PyG's convs take the transposed adjacency: row = target
+    for edges in (
+        ei,
+        EdgeIndex(ei, sparse_size=(20, 20)),
+        to_torch_csr_tensor(adj_t, size=(20, 20)),
+        to_torch_coo_tensor(adj_t, size=(20, 20)),
+        Graph.k_regular(ei, 3),
+    ):
+        assert torch.allclose(conv(x, edges), ref, atol=1e-5)
+    assert torch.allclose(conv(x, ei, (20, 20)), ref, atol=1e-5)  # size, PyG's third argument
+    assert torch.allclose(conv((x, None), ei), ref, atol=1e-5)
+
+
+def test_hooks_and_explainer_masks_see_every_message() -> None:
+    from torch_geometric.explain.algorithm.utils import clear_masks, set_masks
+
+    conv = randomise(MRConv(8, 16)).eval()
+    x = torch.randn(20, 8)
+    ei = knn_graph(x, 3)
+    calls = []
+    handle = conv.register_message_forward_hook(lambda module, inputs, out: calls.append(out.size(0)))
+    conv(x, Graph.k_regular(ei, 3))  # a hook: the k-regular graph goes through propagate too
+    handle.remove()
+    assert calls == [60]
+    mask = torch.randn(60)
+    set_masks(conv, mask, ei, apply_sigmoid=True)
+    masked = conv(x, Graph.k_regular(ei, 3))
+    clear_masks(conv)
+    unmasked = conv(x, Graph.k_regular(ei, 3))
+    assert not torch.allclose(masked, unmasked)
+    set_masks(conv, mask, ei, apply_sigmoid=True)
+    assert torch.equal(masked, conv(x, ei))
+    clear_masks(conv)
+
+
+def test_group_errors_in_the_users_numbers() -> None:
+    with pytest.raises(ValueError, match=r"MRConv\(15, 32, groups=4\).*2 x in_channels = 30"):
+        MRConv(15, 32)
+    with pytest.raises(ValueError, match=r"GINConv\(6, 12, groups=4\).*in_channels = 6"):
+        GINConv(6, 12)
+
+
+def test_pyg_convs_that_take_an_mlp_and_width_checks() -> None:
+    import functools
+
+    from torch_geometric.nn import EdgeConv as PyGEdgeConv
+    from torch_geometric.nn import GATConv
+    from torch_geometric.nn import GINConv as PyGGINConv
+
+    x = torch.randn(10, 8)
+    for cls in (PyGGINConv, PyGEdgeConv):
+        assert build_conv(cls, 8, 16)(x, knn_graph(x, 3)).shape == (10, 16)
+    with pytest.raises(ValueError, match=r"maps 8 to \(64,\) channels, but the Grapher needs 16"):
+        build_conv(functools.partial(GATConv, heads=4), 8, 16)
+    model = vig_pyg.create_model(
+        "pvig_test", num_classes=3, conv="gat", conv_kwargs={"heads": 2, "concat": False}
+    )
+    assert model.graphers()[0].graph_conv.conv.heads == 2

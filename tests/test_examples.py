@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,6 +59,16 @@ def test_swap_conv(capsys: pytest.CaptureFixture[str]) -> None:
     assert len(rows) == 6
     for _, params, top1, _ in rows:
         assert params > 0 and 0.0 <= top1 <= 100.0
+
+
+def test_custom_graph(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    result = load("custom_graph").main(["--quick", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "reloaded: first block's graph RowKNNGraph()" in out
+    assert math.isfinite(result["compile_gap"]) and (tmp_path / "row_graph.png").is_file()
+    from vig_pyg.graph.builders import _REGISTRY
+
+    _REGISTRY.pop("row_knn", None)  # the example registers its builder at import
 
 
 def test_sparse_graphs(capsys: pytest.CaptureFixture[str]) -> None:

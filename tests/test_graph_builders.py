@@ -301,3 +301,29 @@ def test_custom_builder_by_name_and_class(custom_builder: str) -> None:
     with torch.no_grad():
         assert torch.equal(by_name.eval()(x), by_class.eval()(x))
     assert all(isinstance(g.graph, EveryOtherPatch) for g in by_name.graphers())
+
+
+def test_a_radius_run_reloads_evaluates_and_draws(tmp_path, capsys) -> None:
+    import json
+    import logging
+
+    from vig_pyg.cli import main
+
+    logger = logging.getLogger("vig_pyg")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    try:
+        tiny = ["--img-size", "33", "--batch-size", "32", "--limit-train", "64", "--limit-val", "32"]
+        graph = ["--graph", "radius", "--graph-option", "r=0.9", "--graph-option", "max_num_neighbors=6"]
+        out = tmp_path / "run"
+        assert main(["train", "--out", str(out), "--epochs", "1", *tiny, *graph]) == 0
+        capsys.readouterr()
+        assert main(["eval", str(out / "best.pt"), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["count"] == 359  # the whole validation split
+        model, info = vig_pyg.train.load_model(out / "best.pt")
+        assert info.model_kwargs["graph"] == "radius"
+        assert info.model_kwargs["graph_kwargs"] == {"r": 0.9, "max_num_neighbors": 6}
+        assert all(isinstance(g.graph, RadiusGraph) and g.graph.r == 0.9 for g in model.graphers())
+        assert main(["visualize", str(out / "best.pt")]) == 0
+        assert (out / "graph.png").is_file()
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved

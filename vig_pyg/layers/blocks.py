@@ -41,6 +41,7 @@ class Grapher(nn.Module):
             graph settings, passed to the builder where it takes them (``knn`` takes all of them;
             ``relative_pos`` adds Pyramid ViG's position term, precomputed for the planned ``grid_size``).
         conv: graph convolution, any name or class :func:`vig_pyg.nn.build_conv` takes.
+        conv_kwargs: further options of the conv (e.g. ``{"heads": 2, "concat": False}`` for ``"gat"``).
         drop_path: stochastic depth rate of the branch.
         act, norm, bias, groups: options of ViG's own convolutions (ignored by other convs).
 
@@ -70,6 +71,7 @@ class Grapher(nn.Module):
         groups: int = 4,
         graph: Any = "knn",
         graph_kwargs: dict[str, Any] | None = None,
+        conv_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.fc1 = ConvNorm(channels, channels)
@@ -93,10 +95,10 @@ class Grapher(nn.Module):
                 method=knn_method,
                 grid_size=grid_size,
             )
-        conv_kwargs: dict[str, Any] = {}
+        options: dict[str, Any] = {}
         if takes_vig_options(conv):
-            conv_kwargs = {"groups": groups, "act": act, "norm": norm, "bias": bias}
-        self.graph_conv = build_conv(conv, channels, 2 * channels, **conv_kwargs)
+            options = {"groups": groups, "act": act, "norm": norm, "bias": bias}
+        self.graph_conv = build_conv(conv, channels, 2 * channels, **{**options, **(conv_kwargs or {})})
         self.fc2 = ConvNorm(2 * channels, channels)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         mlp = getattr(self.graph_conv, "output_mlp", None)

@@ -41,6 +41,7 @@ class IsotropicViG(ViGModel):
         conv: graph convolution (a name or class; see :func:`vig_pyg.nn.build_conv`).
         graph: graph builder of every block (a name or class; see :func:`vig_pyg.graph.build_graph`):
             ``"knn"`` (ViG's dynamic kNN, the default), ``"grid"``, ``"random"``, ``"radius"``, ...
+        conv_kwargs: further options of the conv (e.g. ``{"heads": 2, "concat": False}`` for ``"gat"``).
         graph_kwargs: the builder's options, one dict for all blocks or a sequence of one per block.
         num_classes: classifier outputs (0 for none).
         img_size: the input size the position embedding and dilation schedule are planned for; other
@@ -66,6 +67,7 @@ class IsotropicViG(ViGModel):
         conv: Any = "mr",
         graph: Any = "knn",
         graph_kwargs: dict[str, Any] | Sequence[dict[str, Any]] | None = None,
+        conv_kwargs: dict[str, Any] | None = None,
         num_classes: int = 1000,
         img_size: int | tuple[int, int] = 224,
         in_chans: int = 3,
@@ -114,6 +116,7 @@ class IsotropicViG(ViGModel):
                     k=self.ks[i],
                     dilation=self.dilations[i],
                     conv=conv,
+                    conv_kwargs=conv_kwargs,
                     graph=graph,
                     graph_kwargs=options[i],
                     act=act,

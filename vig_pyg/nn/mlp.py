@@ -115,7 +115,9 @@ def fold_pays(weight: Tensor, output_elements: int) -> bool:
     weights for 31 k outputs), early layers the reverse. Sizes a trace cannot decide on (a dynamic batch
     under ``torch.export``, a ragged graph's edge count) fold, which needs no guard on them.
     """
-    return guard_or_true(weight.numel() <= output_elements)
+    if not isinstance(output_elements, int):  # a SymInt (torch.export) or an FX proxy
+        return True
+    return guard_or_true(weight.numel() <= output_elements)  # dynamo's unbacked sizes look like ints
 
 
 def normalize_output(y: Tensor, norm: nn.modules.batchnorm._BatchNorm) -> Tensor:

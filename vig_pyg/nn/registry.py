@@ -179,11 +179,49 @@ def build_conv(
         entry = _ConvEntry(conv)
     elif callable(conv):
         known = next((e for e in _REGISTRY.values() if e.factory is conv), None)
-        entry = known or _ConvEntry(conv, bipartite=False)
+        entry = known or _ConvEntry(_with_mlp(conv) or conv, bipartite=False)
     else:
         raise TypeError(f"conv must be a name, a class or a callable, got {type(conv).__name__}")
 
     module = entry.factory(in_channels, out_channels, **{**entry.defaults, **kwargs})
     if isinstance(module, ViGConv):
         return module
-    return PyGConvAdapter(module, bipartite=entry.bipartite)
+    adapter = PyGConvAdapter(module, bipartite=entry.bipartite)
+    _check_width(adapter, resolve_conv_name(conv), in_channels, out_channels)
+    return adapter
+
+
+def _with_mlp(cls: Any) -> Callable[..., nn.Module] | None:
+    """A factory for PyG convs whose first argument is the MLP they apply (``GINConv(nn)``,
+    ``EdgeConv(nn)``): built with vig_pyg's two-layer MLP, ``2 * in_channels`` wide for EdgeConv's
+    ``[x_i, x_j - x_i]``."""
+    if not inspect.isclass(cls):
+        return None
+    params = list(inspect.signature(cls.__init__).parameters)[1:2]
+    if params != ["nn"]:
+        return None
+    width = 2 if issubclass(cls, (pyg_nn.EdgeConv, pyg_nn.DynamicEdgeConv)) else 1
+
+    def factory(in_channels: int, out_channels: int, **kwargs: Any) -> nn.Module:
+        return cls(_mlp(width * in_channels, out_channels), **kwargs)
+
+    factory.__name__ = cls.__name__
+    return factory
+
+
+def _check_width(conv: nn.Module, name: str, in_channels: int, out_channels: int) -> None:
+    # A conv whose output is not out_channels wide (e.g. GATConv with heads=4 concatenated) would fail
+    # deep inside the next layer; one probe on a two-node graph says so where the model is built.
+    training = conv.training
+    conv.eval()
+    try:
+        with torch.no_grad():
+            probe = conv(torch.zeros(2, in_channels), torch.tensor([[0, 1], [1, 0]]))
+    finally:
+        conv.train(training)
+    if probe.dim() != 2 or probe.size(-1) != out_channels:
+        raise ValueError(
+            f"graph convolution {name!r} maps {in_channels} to {tuple(probe.shape[1:])} channels, but the "
+            f"Grapher needs {out_channels}; set its output width (e.g. heads=1 or concat=False for "
+            "attention convs, or out_channels divided by heads)"
+        )
