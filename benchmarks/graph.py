@@ -113,7 +113,11 @@ def bench_builders(batch: int, quick: bool) -> list[dict[str, object]]:
     rows = []
     for label, side, r, c, k, d in BUILDER_SIZES[:2] if quick else BUILDER_SIZES:
         grid = PatchGrid(batch, side, side)
-        nodes = torch.randn(batch * side * side, c)
+        # Low-rank features, as a feature map's are: random ones of these widths are all nearly orthogonal,
+        # and a radius graph on them would keep only the nearest node.
+        nodes = torch.randn(batch * side * side, 8) @ torch.randn(8, c) + 0.3 * torch.randn(
+            batch * side * side, c
+        )
         block = {"k": k, "dilation": d, "reduce_ratio": r, "channels": c, "grid_size": (side, side)}
         builders = {
             "knn": build_graph("knn", {"method": "dense", "relative_pos": True}, **block),

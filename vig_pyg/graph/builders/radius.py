@@ -8,6 +8,7 @@ from torch import Tensor
 
 from vig_pyg.graph.builders.base import Graph, GraphBuilder, PatchGrid
 from vig_pyg.ops.ragged import masked_edges
+from vig_pyg.ops.select import knn_topk
 
 __all__ = ["RadiusGraph"]
 
@@ -53,7 +54,8 @@ class RadiusGraph(GraphBuilder):
             x = F.normalize(nodes, dim=-1).view(b, grid.num_nodes, -1)
             y = F.normalize(keys, dim=-1).view(b, m, -1) if keys is not nodes else x
             similarity = torch.bmm(x, y.transpose(1, 2))  # (B, N, M); |x - y|^2 = 2 - 2 x.y
-            nearest, local = similarity.topk(cap, dim=-1)  # (B, N, cap), nearest first
+            local = knn_topk(similarity, cap)  # (B, N, cap), nearest first (the kNN's selection kernel)
+            nearest = similarity.gather(-1, local)
             keep = nearest >= 1 - self.r**2 / 2
             keep[..., 0] = True  # the nearest key: a node's own (distance 0, up to rounding), or a pooled one
             offsets = torch.arange(b, device=nodes.device).view(-1, 1, 1) * m
