@@ -206,3 +206,25 @@ def test_bad_input() -> None:
         knn_graph(
             x, 3, torch.tensor([0] * 8 + [1] * 12), bias=LowRankBias(torch.zeros(8, 2), torch.zeros(8, 2))
         )
+
+
+@pytest.mark.parametrize("method", ["dense", "torch_cluster"])
+def test_pyg_options_loop_and_cosine(method: str) -> None:
+    """loop=False and cosine= give PyG's knn_graph (torch_cluster's): the k nearest other nodes."""
+    import torch_cluster
+
+    x = torch.randn(40, 3, generator=torch.Generator().manual_seed(0))  # well-separated 3-D points
+    batch = torch.arange(2).repeat_interleave(20)
+    ours = knn_graph(x, 4, batch, loop=False, cosine=False, method=method)
+    ref = torch_cluster.knn_graph(x, 4, batch, loop=False)
+    assert {tuple(e) for e in ours.t().tolist()} == {tuple(e) for e in ref.t().tolist()}
+    assert not bool((ours[0] == ours[1]).any()) and torch.equal(ours[1], torch.arange(40).repeat_interleave(4))
+    cos = knn_graph(x, 4, batch, loop=False, cosine=True, method=method)
+    xn = torch.nn.functional.normalize(x, dim=-1)
+    ref_cos = set()  # brute force (torch_cluster has no cosine on CPU): most similar others, same graph
+    for i in range(40):
+        others = [j for j in range(40) if j != i and j // 20 == i // 20]
+        ref_cos |= {(j, i) for j in sorted(others, key=lambda j: -float(xn[i] @ xn[j]))[:4]}
+    assert {tuple(e) for e in cos.t().tolist()} == ref_cos
+    with pytest.raises(ValueError, match="bipartite"):
+        knn_graph(x, 4, loop=False, y=x[:10])

@@ -161,6 +161,8 @@ def knn_graph(
     training: bool = False,
     normalize: bool = True,
     method: KNNMethod = "auto",
+    loop: bool = True,
+    cosine: bool | None = None,
 ) -> Tensor:
     r"""ViG's dilated k-nearest-neighbour graph in feature space.
 
@@ -184,6 +186,13 @@ def knn_graph(
         training: pass ``module.training``.
         normalize: L2-normalise features before the search (ViG does).
         method: ``"dense"``, ``"torch_cluster"`` or ``"auto"``.
+        loop: include every node among its own neighbours (ViG does: it is its own nearest). ``False``
+            gives PyG's default, the ``k`` nearest other nodes (graphs without ``y`` only).
+        cosine: PyG's name for the metric: ``True`` ranks by cosine distance, which is ``normalize=True``
+            (the squared distance of normalised features is ``2 - 2 cos``), ``False`` by Euclidean distance.
+
+    Unlike ``torch_geometric.nn.knn_graph`` (``loop=False``, Euclidean unless ``cosine=True``), the defaults
+    are ViG's: normalised features and self loops.
 
     Returns:
         ``edge_index`` of shape ``(2, N * k)``: row 0 indexes the neighbour (``y`` if given, else ``x``),
@@ -192,6 +201,10 @@ def knn_graph(
     """
     if method not in _METHODS:
         raise ValueError(f"unknown kNN method {method!r}; choose one of {', '.join(_METHODS)}")
+    if cosine is not None:
+        normalize = bool(cosine)
+    if not loop and y is not None:
+        raise ValueError("loop=False drops a node from its own neighbours; a bipartite graph (y) has none")
     if not isinstance(x, Tensor) or x.dim() != 2:
         raise ValueError(f"x must be (num_nodes, channels) node features, got {getattr(x, 'shape', type(x))}")
     if not x.is_floating_point():
@@ -220,12 +233,13 @@ def knn_graph(
         num_graphs = max(num_graphs, int(batch_y.max()) + 1 if batch_y.numel() else 0)
     query_sizes = _graph_sizes(batch, x.size(0), num_graphs)
     key_sizes = query_sizes if y is None else _graph_sizes(batch_y, y.size(0), num_graphs)
-    kd = k * dilation
+    kd = k * dilation + (0 if loop else 1)  # without loops: one more candidate, then the node itself dropped
     nonempty = query_sizes > 0
     if bool((key_sizes[nonempty] < kd).any()):
         smallest = int(key_sizes[nonempty].min())
         raise ValueError(
-            f"k * dilation = {k} * {dilation} = {kd} neighbours asked for, but a graph has only {smallest} "
+            f"k * dilation = {k} * {dilation} neighbours{'' if loop else ' besides the node itself'} asked "
+            f"for, but a graph has only {smallest} "
             f"key nodes; lower k or dilation (at most {smallest // k} for k={k}) or use larger inputs"
         )
     equal_sizes = bool((query_sizes == query_sizes[0]).all() and (key_sizes == key_sizes[0]).all())
@@ -254,6 +268,11 @@ def knn_graph(
         nbr = _cluster_candidates(x, y, kd, batch, batch_y, bias)
     else:
         nbr = _dense_candidates(x, y, kd, batch, batch_y, bias, query_sizes, key_sizes, equal_sizes)
+    if not loop:
+        # Each node moved behind its other candidates (a stable sort on "is it the node itself"), then the
+        # last candidate (the node, or the farthest if the node was not among them) dropped.
+        own = nbr == torch.arange(nbr.size(0), device=nbr.device).unsqueeze(1)
+        nbr = nbr.gather(1, own.to(torch.int8).sort(dim=1, stable=True).indices)[:, :-1]
     nbr = dilate(nbr, k, dilation, stochastic=stochastic and training, epsilon=epsilon)
     return neighbors_to_edge_index(nbr)
 
