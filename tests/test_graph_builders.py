@@ -327,3 +327,25 @@ def test_a_radius_run_reloads_evaluates_and_draws(tmp_path, capsys) -> None:
         assert (out / "graph.png").is_file()
     finally:
         logger.handlers[:], logger.level, logger.propagate = saved
+
+
+def test_grid_edge_attr_reaches_convs_that_take_it() -> None:
+    builder = GridGraph(k=3, reduce_ratio=2, edge_attr=True)
+    graph = builder(torch.randn(2 * 16, 4), PatchGrid(2, 4, 4))
+    src, dst = graph.edge_index
+    for e in range(graph.num_edges):  # target patch (row, col) to the source key cell's centre
+        t, s = int(dst[e]) % 16, int(src[e]) % 4
+        expected = [s // 2 * 2 + 0.5 - t // 4, s % 2 * 2 + 0.5 - t % 4]
+        assert graph.edge_attr[e].tolist() == expected
+    model = _tiny(
+        "pvig_test", graph="grid", graph_kwargs={"edge_attr": True}, conv="gat", conv_kwargs={"edge_dim": 2}
+    )
+    seen = []
+    conv = model.graphers()[0].graph_conv.conv
+    handle = conv.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs.get("edge_attr")), with_kwargs=True
+    )
+    with torch.no_grad():
+        model.eval()(torch.randn(1, 3, 96, 96))
+    handle.remove()
+    assert seen and seen[0] is not None and seen[0].shape == (24 * 24 * 9, 2)

@@ -218,7 +218,9 @@ def test_pyg_options_loop_and_cosine(method: str) -> None:
     ours = knn_graph(x, 4, batch, loop=False, cosine=False, method=method)
     ref = torch_cluster.knn_graph(x, 4, batch, loop=False)
     assert {tuple(e) for e in ours.t().tolist()} == {tuple(e) for e in ref.t().tolist()}
-    assert not bool((ours[0] == ours[1]).any()) and torch.equal(ours[1], torch.arange(40).repeat_interleave(4))
+    assert not bool((ours[0] == ours[1]).any()) and torch.equal(
+        ours[1], torch.arange(40).repeat_interleave(4)
+    )
     cos = knn_graph(x, 4, batch, loop=False, cosine=True, method=method)
     xn = torch.nn.functional.normalize(x, dim=-1)
     ref_cos = set()  # brute force (torch_cluster has no cosine on CPU): most similar others, same graph

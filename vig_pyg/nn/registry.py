@@ -133,22 +133,27 @@ class PyGConvAdapter(nn.Module):
         super().__init__()
         self.conv = conv
         self.bipartite = bipartite
+        # Whether the conv takes edge features (PyG's edge_attr), which a Graph may carry.
+        self.takes_edge_attr = "edge_attr" in inspect.signature(conv.forward).parameters
 
     def forward(self, x: Tensor | PairTensor, edge_index: Tensor | Graph) -> Tensor:
+        extra: dict[str, Tensor] = {}
         if isinstance(edge_index, Graph):
             if isinstance(x, Tensor) and edge_index.sources is not None:
                 x = (edge_index.sources, x)
+            if edge_index.edge_attr is not None and self.takes_edge_attr:
+                extra["edge_attr"] = edge_index.edge_attr
             edge_index = edge_index.edge_index
         if isinstance(x, Tensor):
-            return self.conv(x, edge_index)
+            return self.conv(x, edge_index, **extra)
         x_src, x_dst = x
         if x_src is x_dst:
-            return self.conv(x_dst, edge_index)
+            return self.conv(x_dst, edge_index, **extra)
         if self.bipartite:
-            return self.conv((x_src, x_dst), edge_index)
+            return self.conv((x_src, x_dst), edge_index, **extra)
         num_dst = x_dst.size(0)
         shifted = torch.stack([edge_index[0] + num_dst, edge_index[1]])
-        return self.conv(torch.cat([x_dst, x_src], dim=0), shifted)[:num_dst]
+        return self.conv(torch.cat([x_dst, x_src], dim=0), shifted, **extra)[:num_dst]
 
     def reset_parameters(self) -> None:
         if hasattr(self.conv, "reset_parameters"):

@@ -45,6 +45,7 @@ class Graph:
             ``source_to_target`` flow). Node indices run over the whole batch.
         sources: the source nodes' features when they are other nodes than the targets (a bipartite
             graph, e.g. Pyramid ViG's pooled keys), else ``None`` (sources and targets are the same nodes).
+        edge_attr: ``(E, D)`` edge features for convs that take them (PyG's ``edge_attr``), or ``None``.
 
     A graph made this way is *ragged*: any number of edges per target, in any order, and convs aggregate
     it with PyG's scatter. :meth:`k_regular` makes one that promises exactly ``k`` edges per target,
@@ -53,7 +54,9 @@ class Graph:
     silently wrong result.
     """
 
-    def __init__(self, edge_index: Tensor, sources: Tensor | None = None) -> None:
+    def __init__(
+        self, edge_index: Tensor, sources: Tensor | None = None, edge_attr: Tensor | None = None
+    ) -> None:
         if not isinstance(edge_index, Tensor) or edge_index.is_floating_point() or edge_index.dim() != 2:
             raise TypeError("edge_index must be an integer tensor of shape (2, num_edges)")
         if edge_index.size(0) != 2:
@@ -62,16 +65,19 @@ class Graph:
             raise TypeError("sources must be a (num_sources, C) tensor of the source nodes' features or None")
         self.edge_index = edge_index
         self.sources = sources
+        self.edge_attr = edge_attr
         self.k: int | None = None
 
     @classmethod
-    def k_regular(cls, edge_index: Tensor, k: int, sources: Tensor | None = None) -> Graph:
+    def k_regular(
+        cls, edge_index: Tensor, k: int, sources: Tensor | None = None, edge_attr: Tensor | None = None
+    ) -> Graph:
         """A graph whose targets ``0 .. E/k - 1`` have ``k`` edges each, grouped by target in order.
 
         The layout is checked (one comparison over the edges): a ``ValueError`` says what is wrong and how
         to fix it. Call it outside compiled code (the check reads tensor values).
         """
-        graph = cls._k_regular_unchecked(edge_index, k, sources)
+        graph = cls._k_regular_unchecked(edge_index, k, sources, edge_attr)
         num_targets = edge_index.size(1) // k
         if edge_index.size(1) != num_targets * k:
             raise ValueError(
@@ -87,7 +93,9 @@ class Graph:
         return graph
 
     @classmethod
-    def from_neighbors(cls, neighbors: Tensor, sources: Tensor | None = None) -> Graph:
+    def from_neighbors(
+        cls, neighbors: Tensor, sources: Tensor | None = None, edge_attr: Tensor | None = None
+    ) -> Graph:
         """The k-regular graph of an ``(N, k)`` table: ``neighbors[i]`` are the sources of target ``i``.
 
         The layout follows from the table, so nothing is checked on values: the way for builders to
@@ -95,13 +103,16 @@ class Graph:
         """
         if not isinstance(neighbors, Tensor) or neighbors.dim() != 2 or neighbors.is_floating_point():
             raise TypeError("neighbors must be an (N, k) integer tensor of source indices per target")
-        return cls._k_regular_unchecked(neighbors_to_edge_index(neighbors), neighbors.size(1), sources)
+        edge_index = neighbors_to_edge_index(neighbors)
+        return cls._k_regular_unchecked(edge_index, neighbors.size(1), sources, edge_attr)
 
     @classmethod
-    def _k_regular_unchecked(cls, edge_index: Tensor, k: int, sources: Tensor | None = None) -> Graph:
+    def _k_regular_unchecked(
+        cls, edge_index: Tensor, k: int, sources: Tensor | None = None, edge_attr: Tensor | None = None
+    ) -> Graph:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int (the in-degree of every target), got {k!r}")
-        graph = cls(edge_index, sources)
+        graph = cls(edge_index, sources, edge_attr)
         graph.k = k
         return graph
 

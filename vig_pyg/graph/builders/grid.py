@@ -47,12 +47,22 @@ class GridGraph(GraphBuilder):
         reduce_ratio: the key nodes are the grid average-pooled by this factor (distances to the cells'
             centres).
         grid_size: the ``(H, W)`` the model is planned for.
+        edge_attr: give every edge the offset ``(dy, dx)`` from its target to its source (patch units),
+            as ``edge_attr`` for convs that take edge features (``conv="gat"`` with
+            ``conv_kwargs={"edge_dim": 2}``, for one).
     """
 
     regular = True
 
-    def __init__(self, k: int = 9, reduce_ratio: int = 1, grid_size: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self,
+        k: int = 9,
+        reduce_ratio: int = 1,
+        grid_size: tuple[int, int] | None = None,
+        edge_attr: bool = False,
+    ) -> None:
         super().__init__(reduce_ratio)
+        self.edge_attr = bool(edge_attr)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
         self.k = k
@@ -73,11 +83,24 @@ class GridGraph(GraphBuilder):
         else:
             table = nearest_on_grid(grid.height, grid.width, self.k, self.reduce_ratio, nodes.device)
         nbr = per_image(table, grid.batch_size, self._num_keys(grid.height, grid.width))
-        return Graph.from_neighbors(nbr, keys if keys is not nodes else None)
+        offsets = self._offsets(table, grid, nodes) if self.edge_attr else None
+        return Graph.from_neighbors(nbr, keys if keys is not nodes else None, offsets)
+
+    def _offsets(self, table: Tensor, grid: PatchGrid, nodes: Tensor) -> Tensor:
+        """``(B * N * k, 2)`` ``(dy, dx)`` from every edge's target to its source (a key cell's centre)."""
+        r = self.reduce_ratio
+        _, kw = self.key_grid(grid.height, grid.width)
+        pos = grid.positions(nodes.device).to(nodes.dtype)  # (N, 2) targets
+        key_pos = (
+            torch.stack([table // kw, table % kw], dim=-1).to(nodes.dtype) * r + (r - 1) / 2
+        )  # (N, k, 2)
+        per_edge = (key_pos - pos.unsqueeze(1)).reshape(-1, 2)
+        return per_edge.repeat(grid.batch_size, 1)
 
     def describe(self, grid: PatchGrid) -> str:
         return f"grid k={self.k}"
 
     def extra_repr(self) -> str:
         r = f", reduce_ratio={self.reduce_ratio}" if self.reduce_ratio > 1 else ""
-        return f"k={self.k}{r}"
+        e = ", edge_attr=True" if self.edge_attr else ""
+        return f"k={self.k}{r}{e}"
