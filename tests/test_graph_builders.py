@@ -349,3 +349,16 @@ def test_grid_edge_attr_reaches_convs_that_take_it() -> None:
         model.eval()(torch.randn(1, 3, 96, 96))
     handle.remove()
     assert seen and seen[0] is not None and seen[0].shape == (24 * 24 * 9, 2)
+
+
+def test_ragged_models_torch_export_and_onnx_refusal(tmp_path) -> None:
+    from vig_pyg.export import export_onnx
+
+    model = _tiny("vig_test", graph="radius").eval()
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    program = torch.export.export(model, (x,))  # the edge count: a symbolic size of masked_edges
+    with torch.no_grad():
+        assert torch.equal(program.module()(x), model(x))
+    with pytest.raises(ValueError, match="ONNX export of a ragged graph"):
+        export_onnx(model, tmp_path / "m.onnx", input_size=(3, 96, 96))
+    assert not (tmp_path / "m.onnx").exists()

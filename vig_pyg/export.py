@@ -84,6 +84,12 @@ def export_onnx(
         The path written.
     """
     for m in model.modules():
+        if isinstance(m, GraphBuilder) and not m.regular:
+            raise ValueError(
+                f"ONNX export of a ragged graph ({type(m).__name__}: a data-dependent edge count) is not "
+                "supported yet; torch.export.export(model, (x,)) captures it, or export a model built with a "
+                "k-regular builder (graph='knn', 'grid' or 'random')"
+            )
         if isinstance(m, GridKNNGraph) and m.method == "torch_cluster":
             raise ValueError(
                 "ONNX has no counterpart of the torch_cluster kNN op; build the model with "

@@ -27,5 +27,7 @@ def masked_edges(neighbors: Tensor, keep: Tensor) -> Tensor:
 
 @masked_edges.register_fake
 def _(neighbors: Tensor, keep: Tensor) -> Tensor:
-    num_edges = torch.library.get_ctx().new_dynamic_size(max=neighbors.numel())
+    bound = neighbors.numel()  # an upper bound, where it is a number (a dynamic batch makes it symbolic)
+    ctx = torch.library.get_ctx()
+    num_edges = ctx.new_dynamic_size(max=bound) if isinstance(bound, int) else ctx.new_dynamic_size()
     return neighbors.new_empty((2, num_edges))
