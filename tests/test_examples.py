@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -20,6 +21,8 @@ def load(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"vig_pyg_example_{name}", EXAMPLES / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    # Registered like an imported module: torch.compile looks classes defined there up by module name.
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
