@@ -9,6 +9,7 @@ from vig_pyg.graph.bridge import (
     nodes_to_image,
 )
 from vig_pyg.graph.builders import (
+    DAGCGraph,
     Graph,
     GraphBuilder,
     GridGraph,
@@ -16,6 +17,7 @@ from vig_pyg.graph.builders import (
     PatchGrid,
     RadiusGraph,
     RandomGraph,
+    SVGAGraph,
     build_graph,
     list_graphs,
     register_graph,
@@ -24,6 +26,7 @@ from vig_pyg.graph.knn import LowRankBias, dense_knn, dilate, knn_graph, neighbo
 from vig_pyg.graph.relative_pos import relative_position_bias, relative_position_factors, sincos_pos_embed
 
 __all__ = [
+    "DAGCGraph",
     "Graph",
     "GraphBuilder",
     "GridGraph",
@@ -32,6 +35,7 @@ __all__ = [
     "PatchGrid",
     "RadiusGraph",
     "RandomGraph",
+    "SVGAGraph",
     "batch_to_images",
     "build_graph",
     "dense_knn",

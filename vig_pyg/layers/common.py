@@ -15,7 +15,7 @@ from vig_pyg.nn.recompute import norm_act_conv
 from vig_pyg.ops.norm_act import activation_name
 from vig_pyg.tuning import GemmChoice
 
-__all__ = ["ClassifierHead", "ConvNorm", "DropPath", "HeadBatchNorm", "Stem"]
+__all__ = ["ClassifierHead", "ConvNorm", "DistilledClassifierHead", "DropPath", "HeadBatchNorm", "Stem"]
 
 # FX records activate() as one call (it looks at the tensor's layout), so traced models run its kernels.
 torch.fx.wrap("activate")
@@ -97,22 +97,30 @@ class DropPath(nn.Module):
 
 
 class Stem(nn.Module):
-    """A stack of 3x3 ``ConvNorm`` layers with an activation between them (none after the last).
+    """A stack of 3x3 ``ConvNorm`` layers with an activation between them (and after the last with
+    ``act_last``, as MobileViG's and GreedyViG's stems have it).
 
     Args:
         in_channels: image channels.
         widths: output channels of each conv.
         strides: stride of each conv.
         act: activation name.
+        act_last: an activation after the last conv too.
 
     In training, each norm + activation runs with the next conv as one operator that keeps only its input
     for backward (:func:`vig_pyg.nn.recompute.norm_act_conv`); ``memory_saving`` says whether.
     """
 
     def __init__(
-        self, in_channels: int, widths: Sequence[int], strides: Sequence[int], act: str = "gelu"
+        self,
+        in_channels: int,
+        widths: Sequence[int],
+        strides: Sequence[int],
+        act: str = "gelu",
+        act_last: bool = False,
     ) -> None:
         super().__init__()
+        self.act_last = act_last
         if len(widths) != len(strides):
             raise ValueError("the stem needs one stride per conv")
         chans = [in_channels, *widths]
@@ -131,10 +139,11 @@ class Stem(nn.Module):
             x = self.layers[0].conv(x)
             for prev, layer in zip(self.layers[:-1], self.layers[1:]):
                 x = norm_act_conv(x, prev.norm, self.act, layer.conv)
-            return self.layers[-1].norm(x)
+            x = self.layers[-1].norm(x)
+            return self.act(x) if self.act_last else x
         for i, layer in enumerate(self.layers):
             x = layer(x)
-            if i < len(self.layers) - 1:
+            if i < len(self.layers) - 1 or self.act_last:
                 x = activate(self.act, x)
         return x
 
@@ -187,3 +196,40 @@ class ClassifierHead(nn.Module):
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)  # (B, C)
         x = self.drop(self.act(self.norm(self.fc(x))))
         return x if pre_logits else self.classifier(x)
+
+
+class DistilledClassifierHead(ClassifierHead):
+    """:class:`ClassifierHead` with a second classifier for distillation (DeiT-style, as MobileViG and
+    GreedyViG are trained): the output is the average of the two (how the authors evaluate); in training
+    with ``distilled_training`` the pair ``(classifier, dist_classifier)``, for a distillation loss.
+    ``distillation=False`` has no second classifier (fine-tuning)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        hidden: int,
+        num_classes: int,
+        act: str = "gelu",
+        drop_rate: float = 0.0,
+        distillation: bool = True,
+    ) -> None:
+        self.distillation = distillation
+        self.distilled_training = False
+        super().__init__(in_channels, hidden, num_classes, act, drop_rate)
+
+    def reset(self, num_classes: int) -> None:
+        super().reset(num_classes)
+        has_second = self.distillation and num_classes > 0
+        self.dist_classifier = nn.Linear(self.hidden, num_classes) if has_second else None
+
+    def forward(self, x: Tensor, pre_logits: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        x = super().forward(x, pre_logits=True)
+        if pre_logits:
+            return x
+        out = self.classifier(x)
+        if self.dist_classifier is None:
+            return out
+        dist = self.dist_classifier(x)
+        if self.training and self.distilled_training:
+            return out, dist
+        return (out + dist) / 2

@@ -202,8 +202,35 @@ def convert_official(state_dict: Mapping[str, Tensor], model: nn.Module) -> dict
     }
 
 
+def convert_mapped(state_dict: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """An official state dict in ``model``'s layout through the model's own ``official_key_map()``: every key
+    used both ways, shapes fitted (1x1 conv weights to linear ones). Classifier entries of another size than
+    the model's are left out (the model keeps its fresh classifier, for fine-tuning)."""
+    mapping = model.official_key_map()  # type: ignore[operator]
+    own = model.state_dict()
+    missing = [official for official in mapping.values() if official not in state_dict]
+    unexpected = [k for k in state_dict if k not in set(mapping.values())]
+    if missing or unexpected:
+        raise _missing_unexpected_error(missing, unexpected, "the official checkpoint")
+    out = {}
+    for ours, official in mapping.items():
+        value = state_dict[official]
+        if ours.startswith("head.") and "classifier" in ours and value.numel() != own[ours].numel():
+            log.info("classifier size differs from the checkpoint's: keeping a freshly initialised %s", ours)
+            value = own[ours]
+        out[ours] = _fit(value, own[ours].shape, official, "the checkpoint")
+    return out
+
+
 def to_official(state_dict: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
     """The inverse of :func:`convert_official`: ``model``'s state dict in the official layout."""
+    if callable(getattr(model, "official_key_map", None)):
+        own = model.state_dict()
+        ref = {k: v for k, v in own.items()}
+        return {
+            official: state_dict[ours].reshape(_official_shape(ours, ref[ours]))
+            for ours, official in model.official_key_map().items()  # type: ignore[operator]
+        }
     mapping = official_key_map(model)
     missing = [k for k in mapping if k not in state_dict]
     unexpected = [k for k in state_dict if k not in mapping]
@@ -221,6 +248,12 @@ def to_official(state_dict: Mapping[str, Tensor], model: nn.Module) -> dict[str,
         out[key] = knn.rel_bias.cpu().unsqueeze(0)
     # The official modules register relative_pos first in each Grapher; order the keys the same way.
     return dict(sorted(out.items(), key=lambda kv: _official_sort_key(kv[0])))
+
+
+def _official_shape(key: str, value: Tensor) -> tuple[int, ...]:
+    # Linear and grouped-linear weights are 1x1 convolutions in the official layouts.
+    linear = key.endswith("weight") and value.dim() == 2
+    return (*value.shape, 1, 1) if linear else tuple(value.shape)
 
 
 def _official_sort_key(key: str) -> tuple:
@@ -288,7 +321,9 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike | Mapping[str, T
     """
     state_dict = dict(source) if isinstance(source, Mapping) else load_state_dict_file(source)
     own = model.state_dict()
-    if is_official_layout(state_dict):
+    if is_official_layout(state_dict) and callable(getattr(model, "official_key_map", None)):
+        state_dict = convert_mapped(state_dict, model)  # a family that maps its own keys (MobileViG, ...)
+    elif is_official_layout(state_dict):
         head_w = state_dict.get("prediction.4.weight")
         if (
             head_w is not None

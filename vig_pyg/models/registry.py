@@ -21,6 +21,9 @@ __all__ = [
 ]
 
 _RELEASES = "https://github.com/huawei-noah/Efficient-AI-Backbones/releases/download"
+# The MobileViG authors' Hugging Face repository; file names follow its pattern (MobileViG_S_78_2.pth.tar).
+_MOBILEVIG = "https://huggingface.co/SLDGroup/MobileViG/resolve/main"
+_IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,10 @@ PRETRAINED: dict[str, PretrainedCfg] = {
     "pvig_s": PretrainedCfg(f"{_RELEASES}/pyramid-vig/pvig_s_82.1.pth.tar", 82.1),
     "pvig_m": PretrainedCfg(f"{_RELEASES}/pyramid-vig/pvig_m_83.1.pth.tar", 83.1),
     "pvig_b": PretrainedCfg(f"{_RELEASES}/pyramid-vig/pvig_b_83.66.pth.tar", 83.66, crop_pct=0.95),
+    "mobilevig_ti": PretrainedCfg(f"{_MOBILEVIG}/MobileViG_Ti_75_7.pth.tar", 75.7, **_IMAGENET),
+    "mobilevig_s": PretrainedCfg(f"{_MOBILEVIG}/MobileViG_S_78_2.pth.tar", 78.2, **_IMAGENET),
+    "mobilevig_m": PretrainedCfg(f"{_MOBILEVIG}/MobileViG_M_80_6.pth.tar", 80.6, **_IMAGENET),
+    "mobilevig_b": PretrainedCfg(f"{_MOBILEVIG}/MobileViG_B_82_6.pth.tar", 82.6, **_IMAGENET),
 }
 
 

@@ -1,6 +1,7 @@
 """Graph convolutions: ViG's four operators as PyG ``MessagePassing`` layers, and the conv registry."""
 
 from vig_pyg.nn.base import ViGConv
+from vig_pyg.nn.concat_mr import ConcatMRConv
 from vig_pyg.nn.edge import EdgeConv
 from vig_pyg.nn.gin import GINConv
 from vig_pyg.nn.mlp import GroupedLinear, GroupedMLP
@@ -9,6 +10,7 @@ from vig_pyg.nn.registry import PyGConvAdapter, build_conv, list_convs, register
 from vig_pyg.nn.sage import GraphSAGE
 
 __all__ = [
+    "ConcatMRConv",
     "EdgeConv",
     "GINConv",
     "GraphSAGE",

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from vig_pyg.graph.builders.base import Graph
 from vig_pyg.nn.base import PairTensor, ViGConv
+from vig_pyg.nn.concat_mr import ConcatMRConv
 from vig_pyg.nn.edge import EdgeConv
 from vig_pyg.nn.gin import GINConv
 from vig_pyg.nn.mr import MRConv
@@ -59,7 +60,13 @@ def _pyg_edge(in_channels: int, out_channels: int, **kwargs: Any) -> nn.Module:
     return pyg_nn.EdgeConv(_mlp(2 * in_channels, out_channels), **kwargs)
 
 
-_VIG_CONVS: dict[str, type[ViGConv]] = {"mr": MRConv, "edge": EdgeConv, "gin": GINConv, "sage": GraphSAGE}
+_VIG_CONVS: dict[str, type[ViGConv]] = {
+    "mr": MRConv,
+    "edge": EdgeConv,
+    "gin": GINConv,
+    "sage": GraphSAGE,
+    "mr_concat": ConcatMRConv,
+}
 
 _REGISTRY: dict[str, _ConvEntry] = {name: _ConvEntry(cls) for name, cls in _VIG_CONVS.items()}
 _REGISTRY.update(

@@ -14,12 +14,15 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from vig_pyg.graph.builders.base import Graph, GraphBuilder, PatchGrid, per_image
+from vig_pyg.graph.builders.dagc import DAGCGraph
 from vig_pyg.graph.builders.grid import GridGraph
 from vig_pyg.graph.builders.knn import GridKNNGraph
 from vig_pyg.graph.builders.radius import RadiusGraph
 from vig_pyg.graph.builders.random import RandomGraph
+from vig_pyg.graph.builders.svga import SVGAGraph
 
 __all__ = [
+    "DAGCGraph",
     "Graph",
     "GraphBuilder",
     "GridGraph",
@@ -27,6 +30,7 @@ __all__ = [
     "PatchGrid",
     "RadiusGraph",
     "RandomGraph",
+    "SVGAGraph",
     "build_graph",
     "graph_name",
     "list_graphs",
@@ -39,6 +43,8 @@ _REGISTRY: dict[str, Callable[..., GraphBuilder]] = {
     "grid": GridGraph,
     "random": RandomGraph,
     "radius": RadiusGraph,
+    "svga": SVGAGraph,
+    "dagc": DAGCGraph,
 }
 
 
